@@ -287,3 +287,11 @@ def real_features(xs):
     if np.iscomplexobj(xs):
         return np.concatenate([xs.real, xs.imag], axis=-1)
     return xs
+
+
+def staggered_structure_factor(states):
+    """S_zz(pi) = (1/L) sum_ij (-1)^(i-j) <Z_i Z_j> of each state: of order L in the Neel phase."""
+    L = int(np.log2(states.shape[1]))
+    bits = (np.arange(2**L)[:, None] >> (L - 1 - np.arange(L))[None, :]) & 1
+    stagger = ((1 - 2 * bits) * (-1) ** np.arange(L)).sum(axis=1)
+    return (np.abs(states) ** 2) @ (stagger**2) / L

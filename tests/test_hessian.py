@@ -1,0 +1,66 @@
+"""Hessian tools against exact linear algebra on a model small enough for both."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hessian
+import models
+
+
+@pytest.fixture(scope="module")
+def problem():
+    models.set_precision("complex128")
+    rng = np.random.default_rng(0)
+    model = models.MLP((6,), in_dim=8)
+    xs = jnp.asarray(rng.normal(size=(40, 8)))
+    ys = jnp.asarray(rng.integers(0, 2, 40))
+    params = model.init(jax.random.PRNGKey(0))
+    loss, w = hessian.flat_loss(model, params, xs, ys)
+    yield model, params, xs, ys, loss, w, np.asarray(hessian.exact_hessian(loss, w))
+    models.set_precision("complex64")
+
+
+def test_hvp_equals_exact_hessian_times_vector(problem):
+    *_, loss, w, h = problem
+    v = jax.random.normal(jax.random.PRNGKey(1), w.shape, w.dtype)
+    np.testing.assert_allclose(hessian.hvp(loss, w, v), h @ np.asarray(v), atol=1e-10)
+    np.testing.assert_allclose(h, h.T, atol=1e-12)
+
+
+def test_lanczos_top_eigenvalues_match_eigvalsh(problem):
+    *_, loss, w, h = problem
+    exact = np.linalg.eigvalsh(h)[::-1]
+    tri = hessian.lanczos(lambda v: hessian.hvp(loss, w, v), jax.random.normal(jax.random.PRNGKey(2), w.shape, w.dtype), 30)
+    ritz = np.linalg.eigvalsh(np.asarray(tri))[::-1]
+    np.testing.assert_allclose(ritz[:3], exact[:3], rtol=1e-6)  # extreme eigenvalues converge first
+
+
+def test_slq_and_hutchinson_traces_agree_with_exact(problem):
+    *_, loss, w, h = problem
+    matvec = jax.jit(lambda v: hessian.hvp(loss, w, v))
+    exact = np.trace(h)
+    nodes, weights = hessian.slq(matvec, len(w), len(w), 400, jax.random.PRNGKey(3), w.dtype)
+    slq_trace = len(w) * np.mean(np.sum(weights * nodes, axis=1))
+    hutch = hessian.hutchinson_trace(matvec, len(w), 400, jax.random.PRNGKey(4), w.dtype)
+    spread = np.sqrt(2 * np.sum(h**2) / 400)  # std of Hutchinson's estimator with 400 Rademacher probes
+    assert abs(hutch - exact) < 4 * spread
+    assert abs(slq_trace - exact) < 4 * spread * 1.5
+    np.testing.assert_allclose(np.sum(weights, axis=1), 1, atol=1e-8)
+
+
+def test_analyse_exact_and_lanczos_paths_agree(problem, monkeypatch):
+    model, params, xs, ys, *_ = problem
+    exact = hessian.analyse(model, params, xs, ys, jax.random.PRNGKey(5))
+    monkeypatch.setattr(hessian, "EXACT_MAX_PARAMS", 0)
+    approx = hessian.analyse(model, params, xs, ys, jax.random.PRNGKey(5), lanczos_steps=40, probes=300)
+    assert exact["method"] == "exact" and approx["method"] == "lanczos"
+    np.testing.assert_allclose(approx["top_eigs"][:2], exact["top_eigs"][:2], rtol=1e-5)
+    assert approx["trace"] == pytest.approx(exact["trace"], rel=0.25)
+
+
+def test_spectral_density_integrates_to_one():
+    grid = np.linspace(-5, 5, 2001)
+    density = hessian.spectral_density(np.array([[-1.0, 0.5, 2.0]]), np.array([[0.2, 0.3, 0.5]]), grid, 0.1)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-6)

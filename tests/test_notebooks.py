@@ -1,0 +1,32 @@
+"""The three notebooks execute on small (smoke-preset) results and draw their figures."""
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import run_unlearn_mnist as mnist_script
+import run_unlearn_xxz as xxz_script
+import runner
+from conftest import ROOT
+
+
+@pytest.fixture(scope="session")
+def smoke_results(tmp_path_factory):
+    base = tmp_path_factory.mktemp("smoke")
+    runner.main("mnist", "", mnist_script.PRESETS, mnist_script.load,
+                argv=["--preset", "smoke", "--out", str(base / "mnist")])
+    runner.main("xxz", "", xxz_script.PRESETS, xxz_script.load, argv=["--preset", "smoke", "--out", str(base / "xxz")],
+                extra={"--qubits": {"type": int}}, extra_settings=xxz_script.qubits_setting)
+    return base
+
+
+@pytest.mark.parametrize("name,folder,figures", [("test_mnist.ipynb", "mnist", 6), ("test_xxz.ipynb", "xxz", 4),
+                                                  ("heissian.ipynb", "mnist", 2)])
+def test_notebook_executes_and_draws(name, folder, figures, smoke_results, monkeypatch):
+    monkeypatch.setenv("QMU_RESULTS", str(smoke_results / folder))
+    monkeypatch.setenv("QMU_PRESET", "smoke")
+    book = nbformat.read(ROOT / name, as_version=4)
+    NotebookClient(book, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    images = [o for c in book.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) >= figures
