@@ -64,21 +64,41 @@ def rademacher(key, num, dim, dtype):
     return jax.random.rademacher(key, (num, dim)).astype(dtype)
 
 
-def slq(matvec, dim, steps, probes, key, dtype):
-    """Stochastic Lanczos quadrature: nodes (Ritz values) and weights, one row per random probe.
+def quadrature(tridiagonals):
+    """Nodes (Ritz values) and weights (squared first components) of Lanczos tridiagonal matrices.
 
-    The spectral density is approximately ``mean over probes of sum_j weights_j delta(x - nodes_j)``
-    and the trace ``dim * mean(sum_j weights_j nodes_j)``.
+    With unit-norm random start vectors, the spectral density is approximately the mean over starts of
+    ``sum_j weights_j delta(x - nodes_j)`` (stochastic Lanczos quadrature), and the trace
+    ``dim * mean(sum_j weights_j nodes_j)``.
     """
-    tri = jax.vmap(lambda v: lanczos(matvec, v, steps))(rademacher(key, probes, dim, dtype))
-    nodes, vecs = np.linalg.eigh(np.asarray(tri))
-    return nodes, vecs[:, 0, :] ** 2
+    nodes, vecs = np.linalg.eigh(np.asarray(tridiagonals))
+    return nodes, vecs[..., 0, :] ** 2
 
 
-def hutchinson_trace(matvec, dim, probes, key, dtype):
-    """Hutchinson's estimate of tr(H): mean of z.H z over Rademacher vectors z."""
-    zs = rademacher(key, probes, dim, dtype)
-    return float(jnp.mean(jnp.sum(zs * jax.vmap(matvec)(zs), axis=1)))
+def model_hvp(model, params, xs, ys):
+    loss, w = flat_loss(model, params, xs, ys)
+    return partial(hvp, loss, w), w
+
+
+@partial(jax.jit, static_argnums=0)
+def hessian_matrix(model, params, xs, ys):
+    """The exact Hessian of the loss with respect to the flattened parameters."""
+    loss, w = flat_loss(model, params, xs, ys)
+    return exact_hessian(loss, w)
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def lanczos_tridiagonals(model, params, xs, ys, starts, steps):
+    """Lanczos on the loss Hessian from each row of ``starts``, compiled once per model and shape."""
+    matvec, _ = model_hvp(model, params, xs, ys)
+    return jax.vmap(lambda v: lanczos(matvec, v, steps))(starts)
+
+
+@partial(jax.jit, static_argnums=0)
+def quadratic_forms(model, params, xs, ys, zs):
+    """z.H z for each row z of ``zs``: their mean over Rademacher vectors is Hutchinson's trace estimate."""
+    matvec, _ = model_hvp(model, params, xs, ys)
+    return jnp.sum(zs * jax.vmap(matvec)(zs), axis=1)
 
 
 def spectral_density(nodes, weights, grid, sigma):
@@ -95,19 +115,18 @@ def analyse(model, params, xs, ys, key, lanczos_steps=80, probes=100, top=5):
     eigenvalues), Hutchinson (trace) and SLQ (spectrum). Returns a dict with ``method``, ``trace``,
     ``top_eigs``, ``nodes`` and ``weights``.
     """
-    loss, w = flat_loss(model, params, xs, ys)
-    dim = w.shape[0]
+    dim = models.param_count(params)
     if dim <= EXACT_MAX_PARAMS:
-        eigs = np.linalg.eigvalsh(np.asarray(jax.jit(exact_hessian, static_argnums=0)(loss, w)))
+        eigs = np.linalg.eigvalsh(np.asarray(hessian_matrix(model, params, xs, ys)))
         return {"method": "exact", "trace": float(eigs.sum()), "top_eigs": eigs[::-1][:top], "nodes": eigs[None],
                 "weights": np.full((1, dim), 1.0 / dim)}
-    matvec = jax.jit(partial(hvp, loss, w))
+    dtype = models.real_dtype()
     k_top, k_slq, k_trace = jax.random.split(key, 3)
-    ritz = np.linalg.eigvalsh(np.asarray(jax.jit(lanczos, static_argnums=(0, 2))(
-        matvec, jax.random.normal(k_top, (dim,), w.dtype), lanczos_steps)))
-    nodes, weights = slq(matvec, dim, lanczos_steps, probes, k_slq, w.dtype)
-    return {"method": "lanczos", "trace": hutchinson_trace(matvec, dim, probes, k_trace, w.dtype),
-            "top_eigs": ritz[::-1][:top], "nodes": nodes, "weights": weights}
+    starts = jnp.concatenate([jax.random.normal(k_top, (1, dim), dtype), rademacher(k_slq, probes, dim, dtype)])
+    nodes, weights = quadrature(lanczos_tridiagonals(model, params, xs, ys, starts, lanczos_steps))
+    trace = float(jnp.mean(quadratic_forms(model, params, xs, ys, rademacher(k_trace, probes, dim, dtype))))
+    return {"method": "lanczos", "trace": trace, "top_eigs": nodes[0, ::-1][:top], "nodes": nodes[1:],
+            "weights": weights[1:]}
 
 
 # ---------------------------------------------------------------------------------- the study

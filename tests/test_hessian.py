@@ -38,12 +38,14 @@ def test_lanczos_top_eigenvalues_match_eigvalsh(problem):
 
 
 def test_slq_and_hutchinson_traces_agree_with_exact(problem):
-    *_, loss, w, h = problem
-    matvec = jax.jit(lambda v: hessian.hvp(loss, w, v))
+    *_, w, h = problem
+    model, params, xs, ys, *_ = problem
     exact = np.trace(h)
-    nodes, weights = hessian.slq(matvec, len(w), len(w), 400, jax.random.PRNGKey(3), w.dtype)
+    starts = hessian.rademacher(jax.random.PRNGKey(3), 400, len(w), w.dtype)
+    nodes, weights = hessian.quadrature(hessian.lanczos_tridiagonals(model, params, xs, ys, starts, len(w)))
     slq_trace = len(w) * np.mean(np.sum(weights * nodes, axis=1))
-    hutch = hessian.hutchinson_trace(matvec, len(w), 400, jax.random.PRNGKey(4), w.dtype)
+    zs = hessian.rademacher(jax.random.PRNGKey(4), 400, len(w), w.dtype)
+    hutch = float(np.mean(hessian.quadratic_forms(model, params, xs, ys, zs)))
     spread = np.sqrt(2 * np.sum(h**2) / 400)  # std of Hutchinson's estimator with 400 Rademacher probes
     assert abs(hutch - exact) < 4 * spread
     assert abs(slq_trace - exact) < 4 * spread * 1.5
