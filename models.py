@@ -295,11 +295,6 @@ def init_runs(model, keys):
     return jax.vmap(model.init)(jnp.asarray(keys))
 
 
-def run_keys(seed, *identity, num):
-    """``num`` JAX keys derived from a seed and a unit's identity (strings and numbers)."""
-    return jax.random.split(jax.random.PRNGKey(unit_seed(seed, *identity)), num)
-
-
 def unit_seed(seed, *identity):
     """A 63-bit integer derived deterministically from a seed and a unit's identity."""
     entropy = np.random.SeedSequence([seed, *[int.from_bytes(str(x).encode(), "little") % 2**63 for x in identity]])

@@ -64,8 +64,8 @@ def prng_key(seed, *identity):
 
 
 def poisoned_copy(ds, poison, alpha, seed, run):
-    """The poisoned training set of one run: ``(xs, ys, idx)``, the same for both models."""
-    rng = np.random.default_rng(models.unit_seed(seed, "poison", ds.name, ds.gauge, poison, alpha, run))
+    """The poisoned training set of one run: ``(xs, ys, idx)``, the same for both models and gauges."""
+    rng = np.random.default_rng(models.unit_seed(seed, "poison", ds.name, poison, alpha, run))
     return datar.poison(ds.xs, ds.ys, poison, alpha, rng)
 
 
@@ -334,5 +334,3 @@ def sweep_units(ctx):
                               functools.partial(_sweep, ctx, study, method, kl_w)))
     return units
 
-
-PART_UNITS = {"phase": phase_units, "unlearn": unlearn_units, "sweep": sweep_units}

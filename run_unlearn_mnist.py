@@ -68,6 +68,7 @@ SMOKE = {  # seconds, for CI and the notebooks' self-check: shapes and plumbing,
 }
 
 PRESETS = {"quick": QUICK, "paper": PAPER, "smoke": SMOKE}
+PARTS = ["phase", "unlearn", "sweep", "hessian"]
 
 
 def load(settings, gauge):
@@ -76,5 +77,9 @@ def load(settings, gauge):
     return poison_unlearn.Dataset("mnist", "none", xs, ys, xs_val, ys_val)
 
 
+def main(argv=None):
+    return runner.main("mnist", __doc__, PRESETS, load, PARTS, argv)
+
+
 if __name__ == "__main__":
-    runner.main("mnist", __doc__, PRESETS, load)
+    main()

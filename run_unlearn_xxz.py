@@ -68,6 +68,7 @@ SMOKE = {  # seconds, for CI and the notebooks' self-check: shapes and plumbing,
 }
 
 PRESETS = {"quick": QUICK, "paper": PAPER, "smoke": SMOKE}
+PARTS = ["phase", "unlearn", "sweep"]
 QUBITS = list(range(4, 21, 2))
 
 
@@ -78,12 +79,17 @@ def load(settings, gauge):
     return poison_unlearn.Dataset("xxz", gauge, xs, ys, xs_val, ys_val)
 
 
+QUBITS_FLAG = {"--qubits": {"type": int, "choices": QUBITS, "metavar": "L",
+                             "help": "spins of the chain, even, 4 to 20 (default: the preset's, 12)"}}
+
+
 def qubits_setting(args):
     return {"qubits": args.qubits} if args.qubits is not None else {}
 
 
+def main(argv=None):
+    return runner.main("xxz", __doc__, PRESETS, load, PARTS, argv, QUBITS_FLAG, qubits_setting)
+
+
 if __name__ == "__main__":
-    runner.main("xxz", __doc__, PRESETS, load,
-                extra={"--qubits": {"type": int, "choices": QUBITS, "metavar": "L",
-                                    "help": "spins of the chain, even, 4 to 20 (default: the preset's, 12)"}},
-                extra_settings=qubits_setting)
+    main()

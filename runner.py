@@ -169,26 +169,24 @@ def settings_for(args, presets, **extra):
     return settings
 
 
-def main(dataset, description, presets, load, argv=None, extra=None, extra_settings=None):
-    """Run the parts of a study named on the command line into the results folder."""
+def main(dataset, description, presets, load, parts, argv=None, extra=None, extra_settings=None):
+    """Run the ``parts`` of a study named on the command line into the results folder."""
+    import hessian
     import models
     import plots
-    import poison_unlearn
+    import poison_unlearn as pu
 
-    part_units = dict(poison_unlearn.PART_UNITS)
-    if "hessian" in presets["quick"]:
-        import hessian
-
-        part_units["hessian"] = hessian.hessian_units
-    args = parse_args(description, presets, list(part_units), argv, extra)
+    units_of = {"phase": pu.phase_units, "unlearn": pu.unlearn_units, "sweep": pu.sweep_units,
+                "hessian": hessian.hessian_units}
+    args = parse_args(description, presets, parts, argv, extra)
     models.set_precision(args.dtype)
     settings = settings_for(args, presets, dataset=dataset, **(extra_settings(args) if extra_settings else {}))
     out = Path(args.out or Path("results") / dataset)
     config = open_results(out, settings, args.overwrite)
-    ctx = poison_unlearn.Context(settings, load, out)
+    ctx = pu.Context(settings, load, out)
     started = time.perf_counter()
     for part in args.parts:
-        csv_path = run_part(out, part, part_units[part](ctx), config)
+        csv_path = run_part(out, part, units_of[part](ctx), config)
         config.setdefault("method_wall_s", {}).update(ctx.timings)
         write_json(out / "config.json", config)
         figure = plots.save_part_figure(out, part, csv_path)

@@ -10,13 +10,11 @@ import runner
 
 
 def run_mnist(*argv):
-    return runner.main("mnist", "", mnist_script.PRESETS, mnist_script.load, argv=list(argv))
+    return mnist_script.main(list(argv))
 
 
 def run_xxz(*argv):
-    return runner.main("xxz", "", xxz_script.PRESETS, xxz_script.load, argv=list(argv),
-                       extra={"--qubits": {"type": int, "choices": xxz_script.QUBITS}},
-                       extra_settings=xxz_script.qubits_setting)
+    return xxz_script.main(list(argv))
 
 
 @pytest.mark.parametrize("argv", [["--preset", "huge"], ["--parts", "phase,dance"], ["--runs", "0"],

@@ -84,13 +84,17 @@ def test_gradient_matches_finite_differences(model, rng, precision):
         assert float(gflat[k]) == pytest.approx(float(fd), abs=1e-7, rel=1e-5)
 
 
+def split_keys(seed, num):
+    return jax.random.split(jax.random.PRNGKey(seed), num)
+
+
 def train(model, mnist, runs=2, epochs=3, batch=32, lr=0.03, seed=0):
     xs, ys, xv, yv = mnist
     x = model.prepare(xs)
     data = {"x": jnp.broadcast_to(x, (runs, *x.shape)), "y": jnp.broadcast_to(jnp.asarray(ys), (runs, len(ys)))}
     trainer = models.Trainer(model, epochs=epochs, batch_size=batch)
-    params0 = models.init_runs(model, models.run_keys(seed, "init", num=runs))
-    keys = models.run_keys(seed, "shuffle", num=runs)
+    params0 = models.init_runs(model, split_keys(seed, runs))
+    keys = split_keys(seed + 100, runs)
     shared = {"x_val": model.prepare(xv), "y_val": jnp.asarray(yv)}
     return trainer, params0, data, keys, shared
 
@@ -167,7 +171,7 @@ def test_mlp_is_the_papers_keras_mlp(rng):
     trainer = models.Trainer(model, epochs=1, batch_size=32)
     data = {"x": jnp.asarray(xs)[None], "y": jnp.asarray(ys)[None]}
     ours, _ = models.train_runs(trainer, jax.tree.map(lambda a: a[None], params), data,
-                                models.run_keys(0, "k", num=1), lr, shared={"x_val": data["x"][0], "y_val": data["y"][0]})
+                                split_keys(0, 1), lr, shared={"x_val": data["x"][0], "y_val": data["y"][0]})
     loss0 = models.bce(model.logits(params, jnp.asarray(xs)), jnp.asarray(ys))
     assert float(keras_loss) == pytest.approx(float(loss0), rel=1e-5)
     for got, want in zip([a[0] for layer in ours for a in (layer["w"], layer["b"])], net.get_weights()):

@@ -6,17 +6,14 @@ from nbclient import NotebookClient
 
 import run_unlearn_mnist as mnist_script
 import run_unlearn_xxz as xxz_script
-import runner
 from conftest import ROOT
 
 
 @pytest.fixture(scope="session")
 def smoke_results(tmp_path_factory):
     base = tmp_path_factory.mktemp("smoke")
-    runner.main("mnist", "", mnist_script.PRESETS, mnist_script.load,
-                argv=["--preset", "smoke", "--out", str(base / "mnist")])
-    runner.main("xxz", "", xxz_script.PRESETS, xxz_script.load, argv=["--preset", "smoke", "--out", str(base / "xxz")],
-                extra={"--qubits": {"type": int}}, extra_settings=xxz_script.qubits_setting)
+    mnist_script.main(["--preset", "smoke", "--out", str(base / "mnist")])
+    xxz_script.main(["--preset", "smoke", "--out", str(base / "xxz")])
     return base
 
 
