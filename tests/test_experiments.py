@@ -88,6 +88,7 @@ def test_unlearn_unit_rows_oracle_and_metrics(tiny, study, teacher):
     assert len(rows) == 4 * 2 * (study.unlearn.epochs + 1)
     assert all(r["oracle_agree"] == 1.0 for r in rows if r["method"] == "retrain")
     assert all(0 <= r[m] <= 1 for r in rows for m in pu.UNLEARN_METRICS)
+    assert pu.unlearn_unit(tiny, study, 2, 0, teacher=teacher)[0] == rows  # recomputing a unit: same rows
 
 
 def test_weight_sweep_compiles_once(tiny, study, teacher):
