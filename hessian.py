@@ -130,11 +130,11 @@ def analyse(model, params, xs, ys, key, lanczos_steps=80, probes=100, top=5):
 
 
 # ---------------------------------------------------------------------------------- the study
-def split_held_out(settings, seed):
+def split_held_out(cfg, base_seed, seed):
     """The paper's Hessian data: ``num_train`` images (balanced), a seeded 70/30 train/held-out split."""
-    xs, ys, _, _ = datar.mnist_data(settings["num_train"], seed=0, verbose=False)
-    order = np.random.default_rng(models.unit_seed(seed, "hessian-split")).permutation(len(ys))
-    cut = int(round((1 - settings["held_out"]) * len(ys)))
+    xs, ys, _, _ = datar.mnist_data(cfg["num_train"], seed=base_seed, verbose=False)
+    order = np.random.default_rng(models.unit_seed(base_seed, "hessian-split", seed)).permutation(len(ys))
+    cut = int(round((1 - cfg["held_out"]) * len(ys)))
     return xs[order[:cut]], ys[order[:cut]], xs[order[cut:]], ys[order[cut:]]
 
 
@@ -143,16 +143,17 @@ def hessian_unit(settings, spec, out):
 
     Returns hessian.csv rows; the spectra go into ``out/hessian_spectra.npz``.
     """
-    cfg = settings["hessian"]
+    cfg, base = settings["hessian"], settings["seed"]
     model = pu.build_model(spec["model"], spec["arch"], datar.MNIST_DIM)
     cells = [(alpha, seed) for alpha in cfg["alphas"] for seed in cfg["seeds"]]
-    splits = [split_held_out(cfg, seed) for _, seed in cells]
-    poisoned = [datar.flip_labels(s[1], alpha, np.random.default_rng(models.unit_seed(seed, "hessian-poison", alpha)))[0]
-                for s, (alpha, seed) in zip(splits, cells)]
-    data = {"x": model.prepare(np.stack([s[0] for s in splits])), "y": jnp.asarray(np.stack(poisoned))}
-    aux = {"x_held": model.prepare(np.stack([s[2] for s in splits])), "y_held": jnp.asarray(np.stack([s[3] for s in splits]))}
-    params0 = models.init_runs(model, jnp.stack([pu.prng_key(seed, "hessian-init", spec["model"]) for _, seed in cells]))
-    keys = jnp.stack([pu.prng_key(seed, "hessian-shuffle", spec["model"], alpha) for alpha, seed in cells])
+    splits = [split_held_out(cfg, base, seed) for _, seed in cells]
+    flipped = [datar.flip_labels(split[1], alpha, np.random.default_rng(
+        models.unit_seed(base, "hessian-poison", seed, alpha)))[0] for split, (alpha, seed) in zip(splits, cells)]
+    data = {"x": model.prepare(pu.stacked(splits, 0)), "y": jnp.asarray(np.stack(flipped))}
+    aux = {"x_held": model.prepare(pu.stacked(splits, 2)), "y_held": jnp.asarray(pu.stacked(splits, 3))}
+    params0 = models.init_runs(model, jnp.stack([pu.prng_key(base, "hessian-init", spec["model"], seed)
+                                                 for _, seed in cells]))
+    keys = jnp.stack([pu.prng_key(base, "hessian-shuffle", spec["model"], seed, alpha) for alpha, seed in cells])
     epochs, batch, lr = cfg["schedule"]
     trainer = models.Trainer(model, metrics=held_out_metrics, epochs=epochs, batch_size=batch)
     params, metrics = models.train_runs(trainer, params0, data, keys, lr, aux)
@@ -160,7 +161,7 @@ def hessian_unit(settings, spec, out):
     for i, (alpha, seed) in enumerate(cells):
         n = cfg["samples"]
         result = analyse(model, jax.tree.map(lambda a: a[i], params), aux["x_held"][i, :n], aux["y_held"][i, :n],
-                         pu.prng_key(seed, "hessian-probes", alpha), cfg["lanczos_steps"], cfg["probes"])
+                         pu.prng_key(base, "hessian-probes", seed, alpha), cfg["lanczos_steps"], cfg["probes"])
         name = f"{spec['model']}_{spec['arch']}_alpha{alpha}_seed{seed}"
         spectra.update({f"{name}_nodes": result["nodes"], f"{name}_weights": result["weights"],
                         f"{name}_top": result["top_eigs"]})

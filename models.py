@@ -137,10 +137,10 @@ class MLP:
 
     def init(self, key):
         params = []
-        for key, (fan_in, fan_out) in zip(jax.random.split(key, len(self.sizes) - 1),
-                                          zip(self.sizes[:-1], self.sizes[1:])):
+        for layer_key, (fan_in, fan_out) in zip(jax.random.split(key, len(self.sizes) - 1),
+                                                zip(self.sizes[:-1], self.sizes[1:])):
             limit = np.sqrt(6.0 / (fan_in + fan_out))
-            w = jax.random.uniform(key, (fan_in, fan_out), real_dtype(), -limit, limit)
+            w = jax.random.uniform(layer_key, (fan_in, fan_out), real_dtype(), -limit, limit)
             params.append({"w": w, "b": jnp.zeros(fan_out, real_dtype())})
         return params
 
@@ -264,7 +264,8 @@ def compiled_runs(trainer):
     return jax.jit(runs)
 
 
-def _take_runs(tree, idx):
+def take_runs(tree, idx):
+    """Runs ``idx`` (an index array) of every array of a pytree with a leading run axis."""
     return jax.tree.map(lambda a: a[idx], tree)
 
 
@@ -284,7 +285,7 @@ def train_runs(trainer, params, data, keys, lr, aux=None, shared=None, chunk=Non
     out = []
     for start in range(0, num, chunk):
         idx = np.minimum(np.arange(start, start + chunk), num - 1)
-        args = _take_runs((params, data, jnp.asarray(keys), lrs, aux), idx)
+        args = take_runs((params, data, jnp.asarray(keys), lrs, aux), idx)
         res = compiled_runs(trainer)(*args, shared)
         out.append(jax.tree.map(lambda a: np.asarray(a)[: min(chunk, num - start)], res))
     return jax.tree.map(lambda *parts: np.concatenate(parts), *out)

@@ -144,7 +144,8 @@ def xxz_observable_figure(deltas, structure_factor, labels):
     fig, ax = plt.subplots(figsize=(6, 4))
     sns.scatterplot(x=deltas, y=structure_factor, hue=np.where(labels == 1, "Néel (Δ > 1)", "XY (Δ < 1)"), ax=ax)
     ax.axvline(1.0, color="grey", ls=":")
-    ax.set(xlabel="anisotropy Δ (units of the XY coupling)", ylabel="staggered structure factor S_zz(π) (dimensionless)",
+    ax.set(xlabel="anisotropy Δ (units of the XY coupling)",
+           ylabel="staggered structure factor S_zz(π) (dimensionless)",
            title="XXZ ground states")
     return fig
 
@@ -154,7 +155,8 @@ def trace_ratios(df):
     """trace(noisy) / trace(clean) of the same model and seed, for every alpha > 0."""
     clean = df[df["alpha"] == 0].set_index(["model", "arch", "seed"])["trace"]
     noisy = df[df["alpha"] > 0].copy()
-    noisy["ratio"] = noisy["trace"].to_numpy() / clean.loc[list(zip(noisy["model"], noisy["arch"], noisy["seed"]))].to_numpy()
+    same_run = list(zip(noisy["model"], noisy["arch"], noisy["seed"]))
+    noisy["ratio"] = noisy["trace"].to_numpy() / clean.loc[same_run].to_numpy()
     return noisy
 
 
@@ -179,11 +181,13 @@ def density_figure(spectra, df, density, sigma_fraction=0.01):
         lo = min(spectra[k + "_nodes"].min() for k in keys)
         hi = max(spectra[k + "_nodes"].max() for k in keys)
         grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 600)
+        peak = 0.0
         for alpha in sorted(rows["alpha"].unique()):
             curves = [density(spectra[k + "_nodes"], spectra[k + "_weights"], grid, sigma_fraction * (hi - lo))
                       for k, a in zip(keys, rows["alpha"]) if a == alpha]
             ax.plot(grid, np.mean(curves, axis=0), label=f"α = {alpha}")
-        ax.set(yscale="log", ylim=(1e-6, None), title=f"{MODEL_NAMES[model]} {arch}",
+            peak = max(peak, np.mean(curves, axis=0).max())
+        ax.set(yscale="log", ylim=(1e-6, 3 * peak), title=f"{MODEL_NAMES[model]} {arch}",
                xlabel="Hessian eigenvalue (loss units per parameter²)", ylabel="spectral density (1 / eigenvalue unit)")
         ax.legend()
     fig.tight_layout()

@@ -73,6 +73,11 @@ def shared_validation(model, ds):
     return {"x_val": model.prepare(ds.xs_val), "y_val": jnp.asarray(ds.ys_val)}
 
 
+def stacked(items, key):
+    """The arrays ``item[key]`` of a list of per-run records, stacked along a new leading run axis."""
+    return np.stack([item[key] for item in items])
+
+
 def as_float(value):
     return round(float(value), 6)
 
@@ -164,7 +169,7 @@ def train_teachers(ds, study, runs, seed):
     for run in range(runs):
         xs_p, ys_p, idx = poisoned_copy(ds, study.poison, study.alpha, seed, run)
         splits.append(datar.retain_forget_split(ds.xs, ds.ys, xs_p, ys_p, idx) | {"xs": xs_p, "ys": ys_p})
-    data = {"x": model.prepare(np.stack([s["xs"] for s in splits])), "y": jnp.asarray(np.stack([s["ys"] for s in splits]))}
+    data = {"x": model.prepare(stacked(splits, "xs")), "y": jnp.asarray(stacked(splits, "ys"))}
     ident = (ds.name, ds.gauge, *study.identity)
     params0 = models.init_runs(model, jnp.stack([prng_key(seed, "teacher-init", *ident, r) for r in range(runs)]))
     keys = jnp.stack([prng_key(seed, "teacher-shuffle", *ident, r) for r in range(runs)])
@@ -176,7 +181,7 @@ def train_teachers(ds, study, runs, seed):
 def unlearning_inputs(model, teacher, splits):
     """Per-run arrays of the unlearning losses: retain set (minibatched, with the teacher's logits)
     and the whole forget set (clean and poisoned, with the teacher's logits on what it trained on)."""
-    stack = {k: np.stack([s[k] for s in splits]) for k in splits[0] if k not in ("xs", "ys")}
+    stack = {k: stacked(splits, k) for k in splits[0] if k not in ("xs", "ys")}
     retain_x, forget_xp = model.prepare(stack["retain_x"]), model.prepare(stack["forget_x_poisoned"])
     logits = jax.jit(jax.vmap(model.logits))
     data = {"x": retain_x, "y": jnp.asarray(stack["retain_y"]), "t": logits(teacher, retain_x)}
@@ -196,7 +201,9 @@ def unlearn_runs(model, method, teacher, inputs, shared, keys, schedule, kl_w, f
     num = len(keys)
     weights = {"kl_w": jnp.broadcast_to(jnp.asarray(kl_w, models.real_dtype()), (num,)),
                "fo_w": jnp.broadcast_to(jnp.asarray(fo_w, models.real_dtype()), (num,))}
-    start = models.init_runs(model, jax.vmap(jax.random.fold_in, (0, None))(keys, 1)) if method == "retrain" else teacher
+    start = teacher
+    if method == "retrain":
+        start = models.init_runs(model, jax.vmap(jax.random.fold_in, (0, None))(keys, 1))
     trainer = models.Trainer(model, LOSSES[method], unlearn_metrics, schedule.epochs,
                              schedule.batch or data["y"].shape[1], every_epoch)
     _, metrics = models.train_runs(trainer, start, data, keys, schedule.lr, aux | weights, shared)
@@ -215,7 +222,8 @@ def unlearn_unit(ds, study, runs, seed, methods=METHODS, weights=PAPER_WEIGHTS, 
     trajectories, wall = {}, {}
     for method in methods:
         start = time.perf_counter()
-        trajectories[method] = unlearn_runs(model, method, params, inputs, shared, keys, study.unlearn, *weights[method])
+        trajectories[method] = unlearn_runs(model, method, params, inputs, shared, keys, study.unlearn,
+                                            *weights[method])
         wall[method] = round(time.perf_counter() - start, 2)
     oracle = trajectories.get("retrain")
     rows = []
@@ -238,9 +246,9 @@ def sweep_unit(ds, study, method, kl_w, fo_ws, runs, seed, teacher=None):
     model, params, (data, aux) = teacher or train_teachers(ds, study, runs, seed)
     cells = [(fo_w, run) for fo_w in fo_ws for run in range(runs)]
     pick = np.array([run for _, run in cells])
-    tile = lambda tree: jax.tree.map(lambda a: a[pick], tree)
     keys = jnp.stack([prng_key(seed, "unlearn", ds.name, ds.gauge, *study.identity, r) for _, r in cells])
-    metrics = unlearn_runs(model, method, tile(params), (tile(data), tile(aux)), shared_validation(model, ds), keys,
+    tiled = models.take_runs((params, data, aux), pick)
+    metrics = unlearn_runs(model, method, tiled[0], tiled[1:], shared_validation(model, ds), keys,
                            study.unlearn, kl_w, jnp.array([f for f, _ in cells]), every_epoch=False)
     return [{"dataset": ds.name, "model": study.model, "method": method, "kl_w": kl_w, "fo_w": fo_w, "run": run,
              **{m: as_float(metrics[m][i]) for m in ("val_acc", "forget_acc", "forget_poison_acc")}}

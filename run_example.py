@@ -33,7 +33,7 @@ def main():
           .to_string())
     print("\n2. Unlearning after training at alpha = 0.3 (final epoch, mean of", RUNS, "runs)")
     unlearn = pd.DataFrame([row for study in STUDIES for row in pu.unlearn_unit(ds, study, RUNS, SEED)[0]])
-    final = unlearn.groupby(["model", "method"]).apply(lambda g: g[g["epoch"] == g["epoch"].max()], include_groups=False)
+    final = unlearn[unlearn["epoch"] == unlearn.groupby("model")["epoch"].transform("max")]
     print(final.groupby(["model", "method"])[["val_acc", "forget_poison_acc", "oracle_agree"]].mean().round(3)
           .to_string())
     OUT.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ SMOKE = {  # seconds, for CI and the notebooks' self-check: shapes and plumbing,
 
 PRESETS = {"quick": QUICK, "paper": PAPER, "smoke": SMOKE}
 PARTS = ["phase", "unlearn", "sweep"]
-QUBITS = list(range(4, 21, 2))
+QUBITS = list(range(4, 17, 2))
 
 
 def load(settings, gauge):
@@ -80,7 +80,7 @@ def load(settings, gauge):
 
 
 QUBITS_FLAG = {"--qubits": {"type": int, "choices": QUBITS, "metavar": "L",
-                             "help": "spins of the chain, even, 4 to 20 (default: the preset's, 12)"}}
+                             "help": "spins of the chain, even, 4 to 16 (default: the preset's, 12)"}}
 
 
 def qubits_setting(args):

@@ -150,7 +150,7 @@ def run_part(out, part, units, config):
     pending = [u for u in units if table.unit_key(u[0]) not in done]
     start = time.perf_counter()
     bar = tqdm(pending, desc=f"{part}: {len(units) - len(pending)}/{len(units)} units done before", unit="unit")
-    for key, label, thunk in bar:
+    for _, label, thunk in bar:
         t0 = time.perf_counter()
         rows, info = thunk()
         table.append(rows)

@@ -74,7 +74,10 @@ def test_gradient_matches_finite_differences(model, rng, precision):
     xs = model.prepare(random_states(rng, 6, 16))
     ys = jnp.asarray(rng.integers(0, 2, 6))
     params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape)), model.init(jax.random.PRNGKey(1)))
-    loss = lambda p: models.ce_loss(model, p, {"x": xs, "y": ys}, jnp.ones(6), None)
+
+    def loss(p):
+        return models.ce_loss(model, p, {"x": xs, "y": ys}, jnp.ones(6), None)
+
     grads = jax.grad(loss)(params)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     gflat = jax.flatten_util.ravel_pytree(grads)[0]
