@@ -141,6 +141,7 @@ def split_held_out(cfg, base_seed, seed):
 def hessian_unit(settings, spec, out):
     """Train one model on every (alpha, seed) at once (complex128), then analyse each Hessian.
 
+    ``spec`` names the model and may override the study's training schedule.
     Returns hessian.csv rows; the spectra go into ``out/hessian_spectra.npz``.
     """
     cfg, base = settings["hessian"], settings["seed"]
@@ -154,7 +155,7 @@ def hessian_unit(settings, spec, out):
     params0 = models.init_runs(model, jnp.stack([pu.prng_key(base, "hessian-init", spec["model"], seed)
                                                  for _, seed in cells]))
     keys = jnp.stack([pu.prng_key(base, "hessian-shuffle", spec["model"], seed, alpha) for alpha, seed in cells])
-    epochs, batch, lr = cfg["schedule"]
+    epochs, batch, lr = spec.get("schedule", cfg["schedule"])
     trainer = models.Trainer(model, metrics=held_out_metrics, epochs=epochs, batch_size=batch)
     params, metrics = models.train_runs(trainer, params0, data, keys, lr, aux)
     rows, spectra = [], {}

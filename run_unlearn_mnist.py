@@ -46,8 +46,9 @@ QUICK = {
         {"model": "qnn", "arch": "depth6", "poison": "label_flip", "alpha": 0.3,
          "teacher": [15, 32, 0.02], "unlearn": [15, 128, 0.01]}]},
     "sweep": {"kl_w": [0.0, 0.2, 0.8], "fo_w": [0.0, 0.2, 0.8]},
-    "hessian": {**PAPER["hessian"], "seeds": [0, 42], "schedule": [20, 32, 0.01], "lanczos_steps": 40,
-                "probes": 30},
+    "hessian": {**PAPER["hessian"], "seeds": [0, 123], "lanczos_steps": 40, "probes": 30,
+                "models": [{"model": "mlp", "arch": "8-2"},
+                           {"model": "qnn", "arch": "depth5-cnot", "schedule": [20, 32, 0.01]}]},
 }
 
 SMOKE = {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings
