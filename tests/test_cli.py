@@ -1,6 +1,7 @@
 """Run scripts: argument errors, resume after an interruption, settings guard, determinism."""
 
 import csv
+import json
 
 import pytest
 
@@ -18,7 +19,9 @@ def run_xxz(*argv):
 
 
 @pytest.mark.parametrize("argv", [["--preset", "huge"], ["--parts", "phase,dance"], ["--runs", "0"],
-                                  ["--dtype", "complex32"], ["--seed", "x"]])
+                                  ["--runs", "100000000"], ["--dtype", "complex32"], ["--seed", "x"],
+                                  ["--seed", "-1"], ["--fidelity", "loose"], ["--devices", "0"],
+                                  ["--devices", "64"], ["--ray", "127.0.0.1:9"]])
 def test_bad_arguments_one_line_exit_2_nothing_written(argv, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
@@ -27,6 +30,15 @@ def test_bad_arguments_one_line_exit_2_nothing_written(argv, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error" in err
     assert not out.exists()
+
+
+def test_out_naming_an_existing_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    with pytest.raises(SystemExit) as stop:
+        run_mnist("--out", str(target), "--preset", "smoke", "--parts", "phase")
+    assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert target.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [target]
 
 
 def test_xxz_qubits_out_of_range(tmp_path, capsys):
@@ -62,9 +74,13 @@ def test_other_settings_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "c"
     run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(out), "--runs", "1")
     before = read_rows(out / "phase.csv")
-    with pytest.raises(SystemExit) as stop:
-        run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(out), "--runs", "1", "--seed", "5")
-    assert stop.value.code == 2 and "other settings" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["fidelity"]["name"] == "paper"  # the default: the authors' definitions
+    assert config["settings"]["fidelity"]["mnist_encoding"] == "columns"
+    for other in (["--seed", "5"], ["--fidelity", "corrected"]):
+        with pytest.raises(SystemExit) as stop:
+            run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(out), "--runs", "1", *other)
+        assert stop.value.code == 2 and "other settings" in capsys.readouterr().err
     assert read_rows(out / "phase.csv") == before
     run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(out), "--runs", "1", "--seed", "5", "--overwrite")
     assert read_rows(out / "phase.csv") != before

@@ -150,3 +150,37 @@ def test_real_features_concatenates_real_and_imaginary_parts():
     z = np.array([[1 + 2j, 3 - 4j]])
     np.testing.assert_array_equal(datar.real_features(z), [[1, 3, 2, -4]])
     np.testing.assert_array_equal(datar.real_features(np.ones((1, 3))), np.ones((1, 3)))
+
+
+def test_column_encoding_of_a_two_column_image():
+    """The authors' encoding: each pixel column divided by its own norm, empty columns stay 0, no renormalising."""
+    image = np.zeros((28, 28))
+    image[0, 3], image[1, 3] = 3 * 51, 4 * 51  # column 3 holds (3, 4) / 5 after normalising
+    image[5, 7] = 255  # column 7 a single pixel -> 1
+    vec = datar.amplitude_encode(image[None], "columns")[0]
+    want = np.zeros(1024)
+    want[0 * 28 + 3], want[1 * 28 + 3], want[5 * 28 + 7] = 0.6, 0.8, 1.0
+    np.testing.assert_allclose(vec, want, atol=1e-6)
+    assert np.linalg.norm(vec) ** 2 == pytest.approx(2.0, rel=1e-6)  # squared norm = non-empty columns
+    np.testing.assert_allclose(np.linalg.norm(datar.amplitude_encode(image[None], "unit")), 1, atol=1e-6)
+
+
+def test_first_selection_is_class_ordered_and_deterministic():
+    ys = np.array([1, 0, 0, 1, 1, 0, 1, 0])
+    np.testing.assert_array_equal(datar.first_selection(ys, 4), [1, 2, 0, 3])
+    xs, labels, _, _ = datar.mnist_data(20, seed=5, selection="first", verbose=False)
+    again = datar.mnist_data(20, seed=6, selection="first", verbose=False)[0]
+    np.testing.assert_array_equal(xs, again)  # the seed plays no part
+    np.testing.assert_array_equal(labels, np.repeat([0, 1], 10))
+
+
+def test_paper_feature_law_count_classes_and_unpadded_noise(rng):
+    xs = np.zeros((10, 8))
+    xs[:, 0] = 1
+    ys = np.repeat([0, 1], 5)
+    assert datar.num_poisoned_paper(10, 0.3) == 4 and datar.num_poisoned(10, 0.3) == 2  # floor 3 -> 4 vs 2
+    poisoned, idx = datar.randomize_features(xs, 0.3, rng, ys=ys, law="paper", dim=6)
+    assert len(idx) == 4 and np.bincount(ys[idx]).tolist() == [2, 2]
+    assert np.all(poisoned[idx, 6:] == 0)  # noise only in the first (unpadded) 6 coordinates
+    np.testing.assert_allclose(np.linalg.norm(poisoned[idx], axis=1), 1)
+    np.testing.assert_array_equal(np.delete(poisoned, idx, axis=0), np.delete(xs, idx, axis=0))

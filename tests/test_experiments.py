@@ -1,12 +1,18 @@
-"""Resilience sweep, unlearning methods and weight sweeps on tiny problems."""
+"""Resilience sweep, teachers, the method registry and its exact reductions, sweeps, on tiny problems."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fidelity
+import methods
 import models
 import poison_unlearn as pu
+
+RNG_OF = pu.draw_rng(0)
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +20,7 @@ def tiny(mnist):
     xs, ys, xv, yv = mnist
     train = np.concatenate([np.flatnonzero(ys == c)[:40] for c in (0, 1)])
     val = np.concatenate([np.flatnonzero(yv == c)[:30] for c in (0, 1)])
-    return pu.Dataset("mnist", "none", xs[train], ys[train], xv[val], yv[val])
+    return pu.Dataset("mnist", "none", xs[train], ys[train], xv[val], yv[val], raw_dim=784)
 
 
 @pytest.fixture(scope="module")
@@ -23,78 +29,192 @@ def study():
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny, study):
-    return pu.train_teachers(tiny, study, runs=2, seed=0)
+def pop(tiny, study):
+    return pu.train_teachers(tiny, study, runs=2, seed=0, fid=fidelity.CORRECTED, shared_teacher=False)
+
+
+def run(name, pop, study, **kwargs):
+    return methods.run_method(name, pop, RNG_OF, schedule=kwargs.pop("schedule", study.unlearn),
+                              recipe=models.ENGINE, **kwargs)
+
+
+def assert_same(a, b, atol=1e-6):
+    """Equal up to float32 rounding (the programs differ, so XLA may order a few sums differently)."""
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
 
 
 def test_resilience_unit_rows_and_determinism(tiny):
-    args = (tiny, "mlp", "8", "label_flip", [0.0, 0.5], 2, pu.Schedule(3, 32, 0.01), 7)
-    rows = pu.resilience_unit(*args)
+    kwargs = {"runs": 2, "schedule": pu.Schedule(3, 32, 0.01), "seed": 7, "fid": fidelity.CORRECTED}
+    rows = pu.resilience_unit(tiny, "mlp", "8", "label_flip", [0.0, 0.5], **kwargs)
     assert [(r["alpha"], r["run"]) for r in rows] == [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
     assert all(0 <= r[m] <= 1 for r in rows for m in ("train_acc", "val_acc"))
-    assert rows == pu.resilience_unit(*args)
-    assert rows != pu.resilience_unit(*args[:-1], 8)
+    assert rows == pu.resilience_unit(tiny, "mlp", "8", "label_flip", [0.0, 0.5], **kwargs)
+    assert rows != pu.resilience_unit(tiny, "mlp", "8", "label_flip", [0.0, 0.5], **kwargs | {"seed": 8})
 
 
 def test_both_models_see_the_same_poison(tiny):
-    _, ys_a, idx_a = pu.poisoned_copy(tiny, "label_flip", 0.3, 0, 1)
-    _, ys_b, idx_b = pu.poisoned_copy(tiny, "label_flip", 0.3, 0, 1)
+    _, _, idx_a = pu.poisoned_copy(tiny, "label_flip", 0.3, seed=0, run=1)
+    _, _, idx_b = pu.poisoned_copy(tiny, "label_flip", 0.3, seed=0, run=1)
     np.testing.assert_array_equal(idx_a, idx_b)
-    assert not np.array_equal(idx_a, pu.poisoned_copy(tiny, "label_flip", 0.3, 0, 2)[2])
+    assert not np.array_equal(idx_a, pu.poisoned_copy(tiny, "label_flip", 0.3, seed=0, run=2)[2])
 
 
-def test_bernoulli_kl_zero_for_equal_outputs_and_matches_hand_computation():
-    a = jnp.array([-2.0, 0.0, 3.0])
-    np.testing.assert_allclose(pu.bernoulli_kl(a, a), 0, atol=1e-7)
-    p, q = 1 / (1 + np.exp(-0.7)), 1 / (1 + np.exp(1.2))
-    hand = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
-    assert float(pu.bernoulli_kl(jnp.array(0.7), jnp.array(-1.2))) == pytest.approx(hand, rel=1e-5)
+def test_shared_teacher_versus_a_teacher_per_run(tiny, study, pop):
+    shared = pu.train_teachers(tiny, study, runs=3, seed=0, fid=fidelity.PAPER, shared_teacher=True)
+    assert_same(models.take_runs(shared.params, 0), models.take_runs(shared.params, 2))  # one teacher, one draw
+    np.testing.assert_array_equal(shared.inputs["forget_idx"][0], shared.inputs["forget_idx"][2])
+    assert not np.array_equal(pop.inputs["forget_idx"][0], pop.inputs["forget_idx"][1])  # ours: own draw each
+    assert len(set(map(tuple, shared.draws))) == 3  # runs still differ in their unlearning draws
 
 
-def method_runs(tiny, study, teacher, method, kl_w=0.0, fo_w=0.0, epochs=None):
-    model, params, inputs = teacher
-    keys = jnp.stack([pu.prng_key(0, "test", r) for r in range(2)])
-    schedule = study.unlearn if epochs is None else pu.Schedule(epochs, None, study.unlearn.lr)
-    return pu.unlearn_runs(model, method, params, inputs, pu.shared_validation(model, tiny), keys, schedule,
-                           kl_w, fo_w)
+def test_scrub_forget_inputs_follow_fidelity_item_d(tiny, study):
+    features = dataclasses.replace(study, poison="feature_randomization")
+    clean = pu.train_teachers(tiny, features, runs=1, seed=0, fid=fidelity.PAPER, shared_teacher=True).inputs
+    ours = pu.train_teachers(tiny, features, runs=1, seed=0, fid=fidelity.CORRECTED, shared_teacher=True).inputs
+    np.testing.assert_array_equal(clean["kl_x"], clean["forget_x"])
+    np.testing.assert_array_equal(ours["kl_x"], ours["trained_x"])
+    assert not np.array_equal(clean["forget_x"], clean["trained_x"])
 
 
-def test_epoch_zero_is_the_teacher_except_for_retrain(tiny, study, teacher):
-    model, params, (data, aux) = teacher
-    want = jax.vmap(lambda p, x, y: models.accuracy(model, p, x, y))(params, aux["forget_x"], aux["forget_y"])
-    for method in ("finetune", "scrub", "grad_ascent"):
-        np.testing.assert_allclose(method_runs(tiny, study, teacher, method, 0.1, 0.2)["forget_acc"][:, 0], want)
-    fresh = method_runs(tiny, study, teacher, "retrain")
-    assert fresh["train_acc"][:, 0].max() < 0.8  # a fresh initialisation has not learned the set
+def test_epoch_zero_is_the_teacher_except_for_fresh_starts(pop, study):
+    model = pop.model
+    want = jax.vmap(lambda p, x, y: models.accuracy(model, p, x, y))(pop.params, pop.inputs["forget_x"],
+                                                                     pop.inputs["forget_y"])
+    for name in ("finetune", "scrub", "grad_ascent", "salun", "bad_teacher"):
+        np.testing.assert_allclose(run(name, pop, study).metrics["forget_acc"][:, 0], want)
+    assert run("retrain", pop, study).metrics["train_acc"][:, 0].max() < 0.8  # fresh: has not learned the set
 
 
-def test_zero_weights_reduce_scrub_and_grad_ascent_to_finetune(tiny, study, teacher):
-    finetune = method_runs(tiny, study, teacher, "finetune")
-    for method in ("scrub", "grad_ascent"):
-        other = method_runs(tiny, study, teacher, method)
-        for metric in pu.UNLEARN_METRICS:
-            np.testing.assert_allclose(other[metric], finetune[metric], atol=1e-6)
+def test_zero_weights_reduce_scrub_and_grad_ascent_to_finetune(pop, study):
+    finetune = run("finetune", pop, study)
+    for name in ("scrub", "grad_ascent"):
+        other = run(name, pop, study, hp={"fo_w": 0.0})
+        for metric in methods.UNLEARN_METRICS:
+            np.testing.assert_allclose(other.metrics[metric], finetune.metrics[metric], atol=1e-6)
 
 
-def test_grad_ascent_lowers_memorised_poison(tiny, study, teacher):
-    metrics = method_runs(tiny, study, teacher, "grad_ascent", fo_w=1.0, epochs=20)
+def test_neggrad_plus_with_beta_one_is_finetune(pop, study):
+    assert_same(run("neggrad_plus", pop, study, hp={"beta": 1.0}).params, run("finetune", pop, study).params)
+
+
+def test_eu_k_over_all_layers_is_retrain_from_the_same_key(pop, study):
+    assert_same(run("eu_k", pop, study, hp={"k": 2}).params, run("retrain", pop, study).params)
+    partial = run("eu_k", pop, study, hp={"k": 1}).params
+    assert_same(partial[0], pop.params[0])  # the first Dense layer stays frozen
+    assert not np.allclose(partial[1]["w"], pop.params[1]["w"])
+
+
+def test_salun_keeping_every_weight_is_random_labels(pop, study):
+    assert_same(run("salun", pop, study, hp={"gamma": 1.0}).params, run("random_labels", pop, study).params)
+
+
+def test_bad_teacher_with_a_competent_teacher_everywhere_leaves_the_teacher(pop, study):
+    """Distilling the teacher into itself: the gradient at the teacher vanishes (first order); with the
+    incompetent teacher on the forget rows it does not. (Adam would turn rounding-level gradients into
+    lr-sized steps, so the gradient itself is checked.)"""
+    first = models.take_runs((pop.params, pop.inputs), 0)
+    trainer = models.Trainer(pop.model)
+
+    def gradient_norm(rows_name):
+        rows = models.take_runs(methods.ROWS[rows_name](pop, RNG_OF), 0)
+        grads = jax.grad(methods.distill_loss, argnums=1)(trainer, first[0], rows, jnp.ones(rows["y"].shape[0]),
+                                                          first[1])
+        return float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(grads)[0]))
+
+    assert gradient_norm("joined") < 1e-5  # forget rows keep the teacher's own logits
+    assert gradient_norm("bad_teacher") > 1e-2
+
+
+def test_grad_ascent_lowers_memorised_poison(pop, study):
+    metrics = run("grad_ascent", pop, study, hp={"fo_w": 1.0}, schedule=pu.Schedule(20, None, 0.005)).metrics
     assert metrics["forget_poison_acc"][:, 0].min() >= 0.9  # the teacher memorised the flipped labels
     assert np.all(metrics["forget_poison_acc"][:, -1] < metrics["forget_poison_acc"][:, 0] - 0.3)
 
 
-def test_unlearn_unit_rows_oracle_and_metrics(tiny, study, teacher):
-    rows, wall = pu.unlearn_unit(tiny, study, 2, 0, teacher=teacher)
-    assert set(wall) == set(pu.METHODS)
-    assert len(rows) == 4 * 2 * (study.unlearn.epochs + 1)
+def test_minmax_plan_max_steps_only_in_the_first_epochs():
+    plan = methods.minmax_plan(np.random.default_rng(0), 10, 4, 8, epochs=3, msteps=2, forget_lr=0.5)
+    forget_steps = plan["idx"][:, :1]
+    assert np.all(forget_steps[plan["mask"][:, :1]] >= 10)  # forget rows come after the retain rows
+    assert plan["mask"][:2, 0].sum() == 8 and plan["mask"][2, 0].sum() == 0  # an empty step in epoch 3
+    np.testing.assert_array_equal(plan["scale"][:, 0], 0.5)
+    assert plan["mask"][:, 1:].sum() == 30  # then every retain row once per epoch
+
+
+def logistic_population(rng, n=600, n_forget=12):
+    """A logistic regression (an MLP without hidden layers) at the optimum of all its data, as a population."""
+    models.set_precision("complex128")
+    model = models.MLP((), in_dim=3)
+    xs = rng.normal(size=(n, 3))
+    ys = (rng.random(n) < 1 / (1 + np.exp(-xs @ np.array([1.5, -2.0, 0.5])))).astype(np.int32)
+
+    def optimum(x, y):
+        params = model.init(jax.random.PRNGKey(0))
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        loss = lambda w: jnp.mean(models.bce(model.logits(unravel(w), x), y))  # noqa: E731
+        for _ in range(30):
+            flat = methods.newton_update(loss, flat, 0.0)
+        return unravel(flat)
+
+    x, y = jnp.asarray(xs), jnp.asarray(ys)
+    teacher = optimum(x, y)
+    retained = optimum(x[n_forget:], y[n_forget:])
+    inputs = {"retain_x": x[n_forget:], "retain_y": y[n_forget:], "retain_t": model.logits(teacher, x[n_forget:]),
+              "forget_x": x[:n_forget], "forget_y": y[:n_forget], "trained_x": x[:n_forget],
+              "trained_y": y[:n_forget], "trained_t": model.logits(teacher, x[:n_forget]),
+              "kl_x": x[:n_forget], "kl_t": model.logits(teacher, x[:n_forget]), "forget_idx": jnp.arange(n_forget)}
+    batch = lambda tree: jax.tree.map(lambda a: a[None], tree)  # noqa: E731
+    pop = methods.Population(model, batch(teacher), batch(inputs), {"x_val": x, "y_val": y}, [("logistic",)])
+    return pop, teacher, retained
+
+
+def test_newton_step_on_logistic_regression_lands_on_retraining(rng):
+    try:
+        pop, teacher, retained = logistic_population(rng)
+        moved = methods.run_method("newton", pop, RNG_OF, schedule=pu.Schedule(1, None, 0.1), recipe=models.ENGINE,
+                                   hp={"damping": 0.0}).params
+        gap = jax.flatten_util.ravel_pytree(retained)[0] - jax.flatten_util.ravel_pytree(teacher)[0]
+        miss = jax.flatten_util.ravel_pytree(jax.tree.map(lambda a: a[0], moved))[0] - \
+            jax.flatten_util.ravel_pytree(retained)[0]
+        assert float(jnp.linalg.norm(miss)) < 0.05 * float(jnp.linalg.norm(gap))  # the error is second order
+    finally:
+        models.set_precision("complex64")
+
+
+@pytest.mark.parametrize("size", [6, 60], ids=["exact", "conjugate-gradients"])
+def test_newton_update_solves_a_quadratic_exactly(size, precision):
+    precision("complex128")
+    rng = np.random.default_rng(size)
+    basis = np.linalg.qr(rng.normal(size=(size, size)))[0]
+    a = jnp.asarray(basis @ np.diag(np.linspace(1, 3, size)) @ basis.T)
+    b = jnp.asarray(rng.normal(size=size))
+    loss = lambda w: 0.5 * w @ a @ w - b @ w  # noqa: E731
+    np.testing.assert_allclose(methods.newton_update(loss, jnp.asarray(rng.normal(size=size)), 0.0),
+                               np.linalg.solve(a, b), atol=1e-8)
+
+
+def test_unlearn_unit_rows_and_oracle(tiny, study, pop):
+    names = ("retrain", "finetune", "newton")
+    rows, outcomes = pu.unlearn_unit(tiny, study, pop, method_names=names, seed=0, fid=fidelity.CORRECTED)
+    assert set(outcomes) == set(names)
+    assert len(rows) == 3 * 2 * (study.unlearn.epochs + 1)
     assert all(r["oracle_agree"] == 1.0 for r in rows if r["method"] == "retrain")
-    assert all(0 <= r[m] <= 1 for r in rows for m in pu.UNLEARN_METRICS)
-    assert pu.unlearn_unit(tiny, study, 2, 0, teacher=teacher)[0] == rows  # recomputing a unit: same rows
+    assert all(0 <= r[m] <= 1 for r in rows for m in methods.UNLEARN_METRICS)
+    newton = [r["val_acc"] for r in rows if r["method"] == "newton" and r["run"] == 0]
+    assert len(set(newton[1:])) == 1  # a one-shot step: flat after epoch 1
+    assert pu.unlearn_unit(tiny, study, pop, method_names=names, seed=0, fid=fidelity.CORRECTED)[0] == rows
 
 
-def test_weight_sweep_compiles_once(tiny, study, teacher):
-    rows = pu.sweep_unit(tiny, study, "scrub", 0.0, [0.0, 0.5], 2, 0, teacher=teacher)
-    before = models.TRACE_COUNT["fit"]
-    again = pu.sweep_unit(tiny, study, "scrub", 0.7, [0.0, 0.5], 2, 0, teacher=teacher)
-    assert models.TRACE_COUNT["fit"] == before
-    assert [(r["fo_w"], r["run"]) for r in rows] == [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
-    assert {r["kl_w"] for r in again} == {0.7}
+@pytest.mark.parametrize("method,param,first,second", [("scrub", "fo_w", [0.0, 0.5], [0.2, 0.9]),
+                                                       ("salun", "gamma", [0.1, 0.5], [0.3, 0.9]),
+                                                       ("eu_k", "k", [1, 2], [2, 1]),
+                                                       ("scrub_minmax", "msteps", [1, 2], [3, 4]),
+                                                       ("newton", "damping", [0.1, 1.0], [0.01, 10.0]),
+                                                       ("finetune", "lr", [0.001, 0.01], [0.003, 0.03])])
+def test_a_sweep_over_any_hyperparameter_compiles_once(tiny, study, pop, method, param, first, second, compiles):
+    sweep = {"sweep": "hparam", "param": param, "seed": 0, "fid": fidelity.CORRECTED}
+    rows = pu.sweep_unit(tiny, study, pop, method, values=first, **sweep)
+    before = compiles()
+    again = pu.sweep_unit(tiny, study, pop, method, values=second, **sweep)
+    assert compiles() == before  # no XLA compilation at all for new values
+    assert [(r["value"], r["run"]) for r in rows] == [(first[0], 0), (first[0], 1), (first[1], 0), (first[1], 1)]
+    assert {r["value"] for r in again} == set(map(float, second))

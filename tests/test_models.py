@@ -74,9 +74,10 @@ def test_gradient_matches_finite_differences(model, rng, precision):
     xs = model.prepare(random_states(rng, 6, 16))
     ys = jnp.asarray(rng.integers(0, 2, 6))
     params = jax.tree.map(lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape)), model.init(jax.random.PRNGKey(1)))
+    trainer = models.Trainer(model)
 
     def loss(p):
-        return models.ce_loss(model, p, {"x": xs, "y": ys}, jnp.ones(6), None)
+        return models.ce_loss(trainer, p, {"x": xs, "y": ys}, jnp.ones(6), None)
 
     grads = jax.grad(loss)(params)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
@@ -87,30 +88,29 @@ def test_gradient_matches_finite_differences(model, rng, precision):
         assert float(gflat[k]) == pytest.approx(float(fd), abs=1e-7, rel=1e-5)
 
 
-def split_keys(seed, num):
-    return jax.random.split(jax.random.PRNGKey(seed), num)
+def plans(seed, runs, n, batch, epochs, recipe=models.ENGINE):
+    rng = np.random.default_rng(seed)
+    return models.stack_plans([recipe.plan(rng, n, batch, epochs) for _ in range(runs)])
 
 
-def train(model, mnist, runs=2, epochs=3, batch=32, lr=0.03, seed=0):
+def train(model, mnist, runs=2, epochs=3, batch=32, seed=0, recipe=models.ENGINE):
     xs, ys, xv, yv = mnist
     x = model.prepare(xs)
     data = {"x": jnp.broadcast_to(x, (runs, *x.shape)), "y": jnp.broadcast_to(jnp.asarray(ys), (runs, len(ys)))}
-    trainer = models.Trainer(model, epochs=epochs, batch_size=batch)
-    params0 = models.init_runs(model, split_keys(seed, runs))
-    keys = split_keys(seed + 100, runs)
+    trainer = models.Trainer(model, batch_size=batch, recipe=recipe)
+    params0 = models.init_runs(model, jax.random.split(jax.random.PRNGKey(seed), runs))
     shared = {"x_val": model.prepare(xv), "y_val": jnp.asarray(yv)}
-    return trainer, params0, data, keys, shared
+    return trainer, params0, data, plans(seed + 100, runs, len(ys), batch, epochs, recipe), shared
 
 
 def test_trained_qnn_separates_one_from_nine(mnist):
-    trainer, params0, data, keys, shared = train(models.QNN(10, 4), mnist, runs=1, epochs=15, batch=16)
-    _, metrics = models.train_runs(trainer, params0, data, keys, 0.05, shared=shared)
-    assert metrics["val_acc"][0] >= 0.9
+    trainer, params0, data, plan, shared = train(models.QNN(10, 4), mnist, runs=1, epochs=15, batch=16)
+    assert models.train_runs(trainer, params0, data, plan, 0.05, shared=shared).metrics["val_acc"][0] >= 0.9
 
 
 def test_trained_mlp_separates_one_from_nine(mnist):
-    trainer, params0, data, keys, shared = train(models.MLP((64, 16)), mnist, runs=1, epochs=10, lr=0.005)
-    _, metrics = models.train_runs(trainer, params0, data, keys, 0.005, shared=shared)
+    trainer, params0, data, plan, shared = train(models.MLP((64, 16)), mnist, runs=1, epochs=10)
+    metrics = models.train_runs(trainer, params0, data, plan, 0.005, shared=shared).metrics
     assert metrics["val_acc"][0] >= 0.97
     assert metrics["train_acc"][0] == 1.0
 
@@ -120,34 +120,104 @@ def test_runs_together_equal_runs_one_by_one_and_compile_once(precision):
     model = models.QNN(6, 2)
     rng = np.random.default_rng(0)
     small = (random_states(rng, 100, 64), rng.integers(0, 2, 100), random_states(rng, 20, 64), rng.integers(0, 2, 20))
-    trainer, params0, data, keys, shared = train(model, small, runs=3, epochs=2, batch=48)
+    trainer, params0, data, plan, shared = train(model, small, runs=3, epochs=2, batch=48)
     before = models.TRACE_COUNT["fit"]
-    together, m_all = models.train_runs(trainer, params0, data, keys, 0.05, shared=shared)
-    chunked, m_chunk = models.train_runs(trainer, params0, data, keys, 0.05, shared=shared, chunk=2)
+    together = models.train_runs(trainer, params0, data, plan, 0.05, shared=shared)
+    chunked = models.train_runs(trainer, params0, data, plan, 0.05, shared=shared, chunk=2)
     for r in range(3):
-        one = jax.tree.map(lambda a: a[r:r + 1], (params0, data, keys))
-        alone, _ = models.train_runs(trainer, *one[:2], one[2], 0.05, shared=shared)
-        np.testing.assert_allclose(alone[0], together[r], atol=1e-9)
-    np.testing.assert_array_equal(m_all["val_acc"], m_chunk["val_acc"])
+        one = jax.tree.map(lambda a: a[r:r + 1], (params0, data, plan))
+        alone = models.train_runs(trainer, *one, 0.05, shared=shared)
+        np.testing.assert_allclose(alone.params[0], together.params[r], atol=1e-9)
+    np.testing.assert_array_equal(together.metrics["val_acc"], chunked.metrics["val_acc"])
     # 100 samples in batches of 48 leave a partial last batch: still one shape per run count (3, 2, 1)
     assert models.TRACE_COUNT["fit"] - before == 3
-    models.train_runs(trainer, params0, data, keys[::-1], 0.02, shared=shared)
-    assert models.TRACE_COUNT["fit"] - before == 3
+    other = plans(7, 3, 100, 48, 2)
+    models.train_runs(trainer, params0, data, other, np.array([0.02, 0.03, 0.04]), shared=shared)
+    assert models.TRACE_COUNT["fit"] - before == 3  # new orders, new learning rates: no new compilation
 
 
-def test_same_key_same_parameters(mnist):
-    trainer, params0, data, keys, shared = train(models.MLP((8,)), mnist, epochs=2)
-    first, _ = models.train_runs(trainer, params0, data, keys, 0.01, shared=shared)
-    again, _ = models.train_runs(trainer, params0, data, keys, 0.01, shared=shared)
-    other, _ = models.train_runs(trainer, params0, data, keys[::-1], 0.01, shared=shared)
+def test_same_plan_same_parameters(mnist):
+    trainer, params0, data, plan, shared = train(models.MLP((8,)), mnist, epochs=2)
+    first = models.train_runs(trainer, params0, data, plan, 0.01, shared=shared).params
+    again = models.train_runs(trainer, params0, data, plan, 0.01, shared=shared).params
+    other = models.train_runs(trainer, params0, data, plans(5, 2, 200, 32, 2), 0.01, shared=shared).params
     jax.tree.map(np.testing.assert_array_equal, first, again)
     assert not np.array_equal(first[0]["w"][0], other[0]["w"][0])
 
 
 def test_partial_last_batch_weighs_only_real_samples():
-    idx, mask = models.batch_plan(jax.random.PRNGKey(0), 10, 4)
-    assert idx.shape == (3, 4) and int(mask.sum()) == 10
-    assert sorted(np.asarray(idx)[np.asarray(mask)].tolist()) == list(range(10))
+    plan = models.epoch_plan(np.random.default_rng(0), 10, 4, epochs=2)
+    assert plan["idx"].shape == (2, 3, 4) and plan["mask"].sum() == 20
+    for epoch in range(2):
+        assert sorted(plan["idx"][epoch][plan["mask"][epoch]].tolist()) == list(range(10))
+
+
+class FixedDraws:
+    """A stand-in generator: ``random`` returns the given numbers, ``permutation`` the identity."""
+
+    def __init__(self, numbers):
+        self.numbers = np.asarray(numbers)
+
+    def random(self, size):
+        return self.numbers[:size]
+
+    def permutation(self, n):
+        return np.arange(n)
+
+
+def test_shuffle_buffer_stream_by_hand():
+    # stream 0 1 2 3 4 0 1 2 3 4, buffer of 3: draw slot int(u * len(buffer)), refill it with the next element
+    order = models.shuffle_buffer_order(FixedDraws([0.9, 0.0, 0.5, 0.4, 0.99] + [0.0] * 5), 5, 2, 3)
+    # [0 1 2] -> 2, [0 1 3] -> 0, [4 1 3] -> 1, [4 0 3] -> 0, [4 1 3] -> 3, then slot 0 each time
+    np.testing.assert_array_equal(order[:5], [2, 0, 1, 0, 3])
+    assert sorted(order.tolist()) == sorted(np.tile(np.arange(5), 2).tolist())
+    plan = models.stream_plan(np.random.default_rng(0), 5, 4, epochs=2, buffer=3)
+    assert plan["idx"].shape == (1, 3, 4) and plan["mask"].sum() == 10  # ceil(10 / 4) steps, straddling epochs
+
+
+def test_empty_step_changes_nothing():
+    """A minibatch without real samples is a no-op for parameters and optimiser state (optional steps)."""
+    model = models.MLP((3,), in_dim=4)
+    rng = np.random.default_rng(0)
+    data = {"x": jnp.asarray(rng.normal(size=(1, 8, 4)), jnp.float32), "y": jnp.asarray(rng.integers(0, 2, (1, 8)))}
+    params = models.init_runs(model, jax.random.split(jax.random.PRNGKey(0), 1))
+    plan = models.stack_plans([models.epoch_plan(rng, 8, 8, 3)])
+    trainer = models.Trainer(model, batch_size=8)
+    full = models.train_runs(trainer, params, data, plan, 0.1, shared={"x_val": data["x"][0], "y_val": data["y"][0]})
+    gapped = {k: np.insert(v, 1, np.zeros_like(v[:, :1]), axis=1) for k, v in plan.items()}  # an empty epoch
+    gapped["mask"][:, 1] = False
+    later = models.train_runs(trainer, params, data, gapped, 0.1, shared={"x_val": data["x"][0], "y_val": data["y"][0]})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), full.params, later.params)
+
+
+def test_losses_and_divergences_by_hand():
+    z, y = jnp.array([2.0, -1.0]), jnp.array([1, 1])
+    p = 1 / (1 + np.exp(-np.array([2.0, -1.0])))
+    np.testing.assert_allclose(models.probability_ce(z, y), -np.log(p + 1e-14), rtol=1e-6)
+    np.testing.assert_allclose(models.bce(z, y), -np.log(p), rtol=1e-6)
+    q = 1 / (1 + np.exp(-0.5))
+    np.testing.assert_allclose(models.one_sided_kl(jnp.array(2.0), jnp.array(0.5)),
+                               p[0] * np.log((p[0] + 1e-14) / (q + 1e-14)), rtol=1e-6)
+    full = p[0] * np.log(p[0] / q) + (1 - p[0]) * np.log((1 - p[0]) / (1 - q))
+    np.testing.assert_allclose(models.bernoulli_kl(jnp.array(2.0), jnp.array(0.5)), full, rtol=1e-5)
+    # Keras clips both probabilities to [1e-7, 1]: a saturated student costs at most p log(p / 1e-7)
+    assert float(models.keras_kl(jnp.array(0.0), jnp.array(-40.0))) == pytest.approx(0.5 * np.log(0.5 / 1e-7), rel=1e-5)
+    # the authors' QNN loss: a confidently wrong sample gets (almost) no gradient; BCE from logits still pulls it
+    assert abs(float(jax.grad(lambda a: models.probability_ce(a, jnp.array(1))[()])(jnp.array(-60.0)))) < 1e-10
+    assert float(jax.grad(lambda a: models.bce(a, jnp.array(1)))(jnp.array(-60.0))) == pytest.approx(-1.0)
+
+
+def test_summed_loss_recipe_takes_the_summed_gradient(mnist):
+    """The authors' QNN batches sum their losses (TensorCircuit's vvag): with one Adam step and a tiny epsilon
+    the step is sign-like either way, but the first moment differs by the batch size; check the loss itself."""
+    model = models.MLP((4,), in_dim=1024)
+    xs, ys = jnp.asarray(mnist[0][:16]), jnp.asarray(mnist[1][:16])
+    params = model.init(jax.random.PRNGKey(0))
+    summed = models.Trainer(model, recipe=models.Recipe(reduce=models.masked_sum))
+    mean = models.Trainer(model)
+    batch, mask = {"x": xs, "y": ys}, jnp.ones(16)
+    assert float(models.ce_loss(summed, params, batch, mask, None)) == pytest.approx(
+        16 * float(models.ce_loss(mean, params, batch, mask, None)), rel=1e-5)
 
 
 def test_mlp_is_the_papers_keras_mlp(rng):
@@ -171,11 +241,11 @@ def test_mlp_is_the_papers_keras_mlp(rng):
     net.compile(optimizer=keras.optimizers.Adam(lr, epsilon=models.KERAS_EPS * np.sqrt(1 - 0.999)),
                 loss="binary_crossentropy")
     keras_loss = net.train_on_batch(xs, ys.astype(np.float32))
-    trainer = models.Trainer(model, epochs=1, batch_size=32)
+    trainer = models.Trainer(model, batch_size=32)
     data = {"x": jnp.asarray(xs)[None], "y": jnp.asarray(ys)[None]}
-    ours, _ = models.train_runs(trainer, jax.tree.map(lambda a: a[None], params), data,
-                                split_keys(0, 1), lr, shared={"x_val": data["x"][0], "y_val": data["y"][0]})
-    loss0 = models.bce(model.logits(params, jnp.asarray(xs)), jnp.asarray(ys))
+    ours = models.train_runs(trainer, jax.tree.map(lambda a: a[None], params), data, plans(0, 1, 32, 32, 1), lr,
+                             shared={"x_val": data["x"][0], "y_val": data["y"][0]}).params
+    loss0 = jnp.mean(models.bce(model.logits(params, jnp.asarray(xs)), jnp.asarray(ys)))
     assert float(keras_loss) == pytest.approx(float(loss0), rel=1e-5)
     for got, want in zip([a[0] for layer in ours for a in (layer["w"], layer["b"])], net.get_weights()):
         np.testing.assert_allclose(got, want, atol=1e-2 * lr)  # float32 gradients differ in the last bits

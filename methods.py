@@ -1,0 +1,412 @@
+"""Unlearning methods: one registry, one engine, either model.
+
+A method is a loss over a minibatch stream run by the engine of ``models.py`` (or a one-shot step), plus a few
+declarative choices: where it starts (the teacher, a fresh initialisation, or the teacher with its last layers
+re-initialised), which rows its minibatches come from (the retain set, or retain and forget rows labelled one way
+or another) and in which order, an optional 0/1 mask multiplied into its updates, and its hyper-parameters (traced per-run values,
+so a sweep over any of them compiles once). Every part of a study (unlearn, sweep, audit) reads ``METHODS``:
+a method added here appears everywhere without further code.
+
+Conventions: a *population* is R runs of one study (``Population``): teachers with a leading run axis and each
+run's retain and forget arrays. ``trained_x, trained_y`` is the forget set as the teacher saw it (poisoned);
+``forget_x, forget_y`` the same samples clean; ``kl_x`` the inputs of SCRUB's forget term (fidelity item d).
+"""
+
+import functools
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+import models
+
+
+@dataclass
+class Population:
+    """R runs of an unlearning study: the model, teacher parameters and per-run arrays (leading axis R).
+
+    ``inputs`` holds retain_x/_y/_t, forget_x/_y, trained_x/_y/_t, kl_x/_t (``_t``: teacher logits);
+    ``shared`` the validation set; ``draws`` each run's identity, from which its random draws derive.
+    """
+
+    model: object
+    params: object
+    inputs: dict
+    shared: dict
+    draws: list
+
+    @property
+    def runs(self):
+        return len(self.draws)
+
+    def take(self, idx):
+        """The population of runs ``idx`` (repeats allowed: sweep cells share a run's teacher)."""
+        return Population(self.model, models.take_runs(self.params, idx), models.take_runs(self.inputs, idx),
+                          self.shared, [self.draws[i] for i in idx])
+
+
+@dataclass(frozen=True)
+class Method:
+    """An unlearning method (see the module docstring). ``hparams``: name -> default (the paper's where it has
+    one); ``key``: the hyper-parameter its sweep varies, over ``grid`` (the paper preset's values)."""
+
+    loss: object = None
+    step: object = None
+    start: str = "teacher"
+    rows: str = "retain"
+    plan: str = "epochs"
+    mask: str | None = None
+    hparams: dict = field(default_factory=dict)
+    key: str | None = None
+    grid: tuple = ()
+    whole_forget: bool = False  # the loss reads the whole forget set at every step (counted in grad_evals)
+    paper: bool = False
+
+
+# ------------------------------------------------------------------------------------------- losses
+def _hp(aux, name):
+    return aux["hp"][name]
+
+
+def _kl_term(t, teacher_logits, logits, mask):
+    return t.recipe.reduce(t.recipe.kl(teacher_logits, logits), mask)
+
+
+def retain_loss(t, params, batch, mask, aux):
+    """CE(retain) + kl_w KL(teacher || student)(retain): retrain, finetune, EU-k and CF-k (kl_w = 0)."""
+    logits = t.model.logits(params, batch["x"])
+    return models.ce_term(t, logits, batch["y"], mask) + _hp(aux, "kl_w") * _kl_term(t, batch["t"], logits, mask)
+
+
+def scrub_loss(t, params, batch, mask, aux):
+    """The paper's SCRUB: retain terms - fo_w KL(teacher || student) on the whole forget set."""
+    forget = t.model.logits(params, aux["kl_x"])
+    return retain_loss(t, params, batch, mask, aux) - _hp(aux, "fo_w") * jnp.mean(t.recipe.kl(aux["kl_t"], forget))
+
+
+def _forget_ce(t, params, aux):
+    """Mean cross-entropy of the whole forget set, as trained (poisoned inputs and labels)."""
+    return jnp.mean(t.recipe.ce(t.model.logits(params, aux["trained_x"]), aux["trained_y"]))
+
+
+def grad_ascent_loss(t, params, batch, mask, aux):
+    """Gradient ascent: retain terms - fo_w CE(forget set with its poisoned labels)."""
+    return retain_loss(t, params, batch, mask, aux) - _hp(aux, "fo_w") * _forget_ce(t, params, aux)
+
+
+def neggrad_plus_loss(t, params, batch, mask, aux):
+    """NegGrad+ (Kurmanji et al. 2023): beta CE(retain) - (1 - beta) CE(forget, trained-with labels)."""
+    beta = _hp(aux, "beta")
+    retain = models.ce_term(t, t.model.logits(params, batch["x"]), batch["y"], mask)
+    return beta * retain - (1 - beta) * _forget_ce(t, params, aux)
+
+
+def distill_loss(t, params, batch, mask, aux):
+    """Bad teacher (Chundawat et al. 2023): Bernoulli KL to the row's teacher (competent on retain rows,
+    randomly initialised on forget rows), no temperature."""
+    return t.recipe.reduce(models.bernoulli_kl(batch["t"], t.model.logits(params, batch["x"])), mask)
+
+
+def minmax_loss(t, params, batch, mask, aux):
+    """Canonical SCRUB (Kurmanji et al. 2023): on forget rows the max-step loss -KL(teacher || student), on
+    retain rows the min-step loss CE + kl_w KL. Minibatches are pure (see ``minmax_plan``)."""
+    logits = t.model.logits(params, batch["x"])
+    kl = models.bernoulli_kl(batch["t"], logits)
+    per_row = jnp.where(batch["f"] > 0, -kl, t.recipe.ce(logits, batch["y"]) + _hp(aux, "kl_w") * kl)
+    return t.recipe.reduce(per_row, mask)
+
+
+# --------------------------------------------------------------------------------- one-shot steps
+NEWTON_CG_STEPS = 40  # conjugate-gradient iterations on Hessian-vector products; exact below this many params
+
+
+def newton_update(loss, w, damping):
+    """w - (H + damping I)^-1 grad loss(w): exact Hessian when ``w`` has at most ``NEWTON_CG_STEPS`` entries,
+    else conjugate gradients on Hessian-vector products (exact for a quadratic after len(w) iterations)."""
+    grad = jax.grad(loss)(w)
+    if w.shape[0] <= NEWTON_CG_STEPS:
+        matrix = models.exact_hessian(loss, w) + damping * jnp.eye(w.shape[0], dtype=w.dtype)
+        return w - jnp.linalg.solve(matrix, grad)
+    delta, _ = jax.scipy.sparse.linalg.cg(lambda v: models.hvp(loss, w, v) + damping * v, grad, tol=1e-12,
+                                          maxiter=NEWTON_CG_STEPS)
+    return w - delta
+
+
+def newton_step(t, params, aux, key):
+    """Certified-removal style Newton step (Guo et al. 2020) on the retain loss, plus Gaussian noise sigma.
+
+    At a minimiser of the full training loss, grad L_retain = -(n_f / n_r) grad L_forget, so this is the
+    teacher moved by H_retain^-1 times the forget set's gradient contribution.
+    """
+    flat, unravel = ravel_pytree(params)
+
+    def loss(w):
+        return jnp.mean(t.recipe.ce(t.model.logits(unravel(w), aux["retain_x"]), aux["retain_y"]))
+
+    moved = newton_update(loss, flat, _hp(aux, "damping"))
+    return unravel(moved + _hp(aux, "sigma") * jax.random.normal(key, flat.shape, flat.dtype))
+
+
+def retain_fisher(model, params, xs):
+    """Diagonal Fisher information of the Bernoulli output on ``xs``: mean_i p_i (1 - p_i) (d logit_i)^2."""
+
+    def add(total, x):
+        logit, grads = jax.value_and_grad(lambda p: model.logits(p, x[None])[0])(params)
+        p = jax.nn.sigmoid(logit)
+        return jax.tree.map(lambda s, g: s + p * (1 - p) * g**2, total, grads), None
+
+    total, _ = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), xs)
+    return jax.tree.map(lambda s: s / xs.shape[0], total)
+
+
+def fisher_step(t, params, aux, key):
+    """Fisher forgetting (Golatkar et al. 2020): Gaussian noise of variance noise * min(1 / F_retain, 1e3)
+    per parameter, F the diagonal Fisher of the retain set: directions the retain set does not pin down move."""
+    fisher = retain_fisher(t.model, params, aux["retain_x"])
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.tree.unflatten(tree, list(jax.random.split(key, len(leaves))))
+    return jax.tree.map(
+        lambda p, f, k: p + jnp.sqrt(_hp(aux, "noise") * jnp.minimum(1 / (f + 1e-8), 1e3)) * jax.random.normal(
+            k, p.shape, p.dtype), params, fisher, keys)
+
+
+# ------------------------------------------------------------------------------------- the registry
+UNIT_GRID = tuple(round(0.1 * k, 1) for k in range(10))
+METHODS = {
+    "retrain": Method(retain_loss, start="fresh", hparams={"kl_w": 0.0}, paper=True),
+    "finetune": Method(retain_loss, hparams={"kl_w": 0.0}, paper=True),
+    "scrub": Method(scrub_loss, hparams={"kl_w": 0.0, "fo_w": 0.2}, key="fo_w", grid=UNIT_GRID, whole_forget=True,
+                    paper=True),
+    "grad_ascent": Method(grad_ascent_loss, hparams={"kl_w": 0.0, "fo_w": 0.2}, key="fo_w", grid=UNIT_GRID,
+                          whole_forget=True, paper=True),
+    "neggrad_plus": Method(neggrad_plus_loss, hparams={"beta": 0.9}, key="beta",
+                           grid=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99), whole_forget=True),
+    "scrub_minmax": Method(minmax_loss, rows="joined", plan="minmax", hparams={"kl_w": 1.0, "msteps": 3, "forget_lr": 1.0},
+                           key="msteps", grid=(1, 2, 3, 5, 8, 12)),
+    "random_labels": Method(models.ce_loss, rows="relabelled"),
+    "salun": Method(models.ce_loss, rows="relabelled", mask="saliency", hparams={"gamma": 0.5}, key="gamma",
+                    grid=(0.1, 0.3, 0.5, 0.7, 0.9)),
+    "bad_teacher": Method(distill_loss, rows="bad_teacher"),
+    "eu_k": Method(retain_loss, start="reinit_last", mask="last_layers", hparams={"kl_w": 0.0, "k": 1}, key="k",
+                   grid=(1, 2, 3)),
+    "cf_k": Method(retain_loss, mask="last_layers", hparams={"kl_w": 0.0, "k": 1}, key="k", grid=(1, 2, 3)),
+    "newton": Method(step=newton_step, hparams={"damping": 0.1, "sigma": 0.0}, key="damping",
+                     grid=(0.001, 0.01, 0.1, 1.0, 10.0)),
+    "fisher": Method(step=fisher_step, hparams={"noise": 1e-6}, key="noise",
+                     grid=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4)),
+}
+"""Hyper-parameters: kl_w, fo_w (SCRUB and gradient-ascent weights), beta (NegGrad+), msteps (epochs with max-steps)
+and forget_lr (their learning rate, a factor of the study's), gamma (SalUn's saliency fraction), k (layers counted
+from the output), damping and sigma (Newton), noise (Fisher). ``forget_lr`` multiplies the study's rate."""
+PAPER_METHODS = tuple(name for name, m in METHODS.items() if m.paper)
+
+
+def hyperparameters(method, runs, **values):
+    """Per-run hyper-parameter arrays of a method (a name or a ``Method``): its defaults, overridden by ``values``
+    (scalars or (R,) arrays)."""
+    table = (METHODS[method] if isinstance(method, str) else method).hparams | values
+    return {k: np.broadcast_to(np.asarray(v, models.real_dtype()), (runs,)) for k, v in table.items()}
+
+
+# ---------------------------------------------------------------------------- rows, starts, masks, plans
+def _rows_retain(pop, rng_of):
+    x = pop.inputs
+    return {"x": x["retain_x"], "y": x["retain_y"], "t": x["retain_t"]}
+
+
+def _joined(pop, forget):
+    """Retain rows followed by forget rows (as trained), each array (R, n_r + n_f, ...); ``forget`` overrides."""
+    x = pop.inputs
+    rows = {"x": (x["retain_x"], x["trained_x"]), "y": (x["retain_y"], x["trained_y"]),
+            "t": (x["retain_t"], x["trained_t"]),
+            "f": (jnp.zeros_like(x["retain_y"]), jnp.ones_like(x["trained_y"]))}
+    rows |= {k: (rows[k][0], v) for k, v in forget.items()}
+    return {k: jnp.concatenate(pair, axis=1) for k, pair in rows.items()}
+
+
+def _rows_relabelled(pop, rng_of):
+    """Forget rows with uniformly random labels (drawn once per run)."""
+    shape = pop.inputs["trained_y"].shape[1]
+    labels = np.stack([rng_of(draw, "random-labels").integers(0, 2, shape) for draw in pop.draws])
+    return _joined(pop, {"y": jnp.asarray(labels, pop.inputs["trained_y"].dtype)})
+
+
+def _rows_bad_teacher(pop, rng_of):
+    """Forget rows whose teacher is a randomly initialised, incompetent model of the same kind."""
+    model = pop.model
+    bad = models.init_runs(model, jnp.stack([models.rng_key(rng_of(d, "bad-teacher"))
+                                             for d in pop.draws]))
+    return _joined(pop, {"t": models.run_logits(model)(bad, pop.inputs["trained_x"])})
+
+
+def _rows_joined(pop, rng_of):
+    """Retain rows and forget rows as trained, with a flag ``f`` on the forget rows."""
+    return _joined(pop, {})
+
+
+ROWS = {"retain": _rows_retain, "relabelled": _rows_relabelled, "bad_teacher": _rows_bad_teacher,
+        "joined": _rows_joined}
+
+
+def fresh_params(pop, rng_of):
+    """A fresh initialisation per run (the same for every method of a run: retrain and EU-k share it)."""
+    return models.init_runs(pop.model, jnp.stack([models.rng_key(rng_of(d, "init"))
+                                                  for d in pop.draws]))
+
+
+def _reinit_last(pop, rng_of, mask):
+    """The teacher with its masked (last) layers freshly initialised (EU-k)."""
+    return jax.tree.map(lambda f, t, m: jnp.where(m > 0, f, t), fresh_params(pop, rng_of), pop.params, mask)
+
+
+STARTS = {"teacher": lambda pop, rng_of, mask: pop.params, "fresh": lambda pop, rng_of, mask: fresh_params(pop, rng_of),
+          "reinit_last": _reinit_last}
+
+
+def last_layers_mask(pop, hp):
+    """1 on the parameters of the last k layers (MLP Dense layers, QNN circuit layers), 0 elsewhere."""
+    depth = jax.vmap(pop.model.layers_from_output)(pop.params)
+    k = jnp.asarray(hp["k"])
+    return jax.tree.map(lambda d: (d < k.reshape((-1,) + (1,) * (d.ndim - 1))).astype(models.real_dtype()), depth)
+
+
+@functools.lru_cache(maxsize=None)
+def _saliency_program(model):
+    def one(params, x, y, gamma):
+        grads = jax.grad(lambda p: jnp.mean(models.bce(model.logits(p, x), y)))(params)
+        flat, unravel = ravel_pytree(jax.tree.map(jnp.abs, grads))
+        return unravel((flat >= jnp.quantile(flat, 1 - gamma)).astype(flat.dtype))
+
+    return jax.jit(jax.vmap(one))
+
+
+def saliency_mask(pop, hp):
+    """SalUn (Fan et al. 2024): 1 on the fraction gamma of parameters with the largest |gradient| of the forget
+    loss at the teacher (one threshold over all parameters), 0 elsewhere; gamma = 1 keeps everything."""
+    return _saliency_program(pop.model)(pop.params, pop.inputs["trained_x"], pop.inputs["trained_y"],
+                                        jnp.asarray(hp["gamma"]))
+
+
+MASKS = {"last_layers": last_layers_mask, "saliency": saliency_mask}
+
+
+def minmax_plan(rng, n_retain, n_forget, batch_size, epochs, msteps, forget_lr):
+    """Canonical SCRUB's epochs: a pass of max-steps over the forget rows (only in the first ``msteps`` epochs;
+    later such steps are empty, hence no-ops) at ``forget_lr`` times the rate, then a pass of min-steps over the
+    retain rows. Rows: retain 0..n_r-1, forget n_r..n_r+n_f-1."""
+    forget = models.epoch_plan(rng, n_forget, min(batch_size, n_forget), epochs)
+    retain = models.epoch_plan(rng, n_retain, batch_size, epochs)
+    pad = batch_size - forget["idx"].shape[2]
+    early = (np.arange(epochs) < msteps)[:, None, None]
+    forget_part = {"idx": np.pad(forget["idx"] + n_retain, ((0, 0), (0, 0), (0, pad))),
+                   "mask": np.pad(forget["mask"] & early, ((0, 0), (0, 0), (0, pad))),
+                   "scale": forget["scale"] * forget_lr}
+    return {k: np.concatenate([forget_part[k], retain[k]], axis=1) for k in retain}
+
+
+def method_plans(method, pop, rng_of, hp, *, recipe, n_rows, batch_size, epochs):
+    """Each run's minibatch plan, stacked: the recipe's order over all rows, or ``minmax_plan``."""
+    plans = []
+    for r, draw in enumerate(pop.draws):
+        rng = rng_of(draw, "plan")
+        if method.plan == "minmax":
+            n_forget = pop.inputs["trained_y"].shape[1]
+            plans.append(minmax_plan(rng, n_rows - n_forget, n_forget, batch_size, epochs,
+                                     int(hp["msteps"][r]), float(hp["forget_lr"][r])))
+        else:
+            plans.append(recipe.plan(rng, n_rows, batch_size, epochs))
+    return jax.tree.map(lambda *a: np.stack(a), *plans)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def unlearn_metrics(model, params, data, aux, shared):
+    """Accuracies on the training set as trained, validation, retain and forget (clean and as trained), and the
+    validation predictions; one forward pass over all evaluation sets (one circuit shape to compile)."""
+    sets = {"retain_acc": ("retain_x", "retain_y"), "forget_acc": ("forget_x", "forget_y"),
+            "forget_poison_acc": ("trained_x", "trained_y")}
+    correct, val_pred = models.evaluate_sets(model, params, [aux[x] for x, _ in sets.values()] + [shared["x_val"]],
+                                             [aux[y] for _, y in sets.values()] + [shared["y_val"]])
+    out = {name: jnp.mean(c) for name, c in zip([*sets, "val_acc"], correct)}
+    n_retain, n_forget = correct[0].shape[0], correct[2].shape[0]
+    out["train_acc"] = (n_retain * out["retain_acc"] + n_forget * out["forget_poison_acc"]) / (n_retain + n_forget)
+    out["val_pred"] = val_pred
+    return out
+
+
+UNLEARN_METRICS = ("train_acc", "val_acc", "retain_acc", "forget_acc", "forget_poison_acc")
+
+
+# ------------------------------------------------------------------------------------------- running
+@dataclass
+class Outcome:
+    """What a method did to a population: final parameters, metrics (epoch axis with ``every_epoch``), wall
+    seconds without compilation and the sample-gradient evaluations spent, per run."""
+
+    params: object
+    metrics: dict
+    run_s: float
+    compile_s: float
+    grad_evals: np.ndarray
+
+
+@functools.lru_cache(maxsize=None)
+def step_program(trainer, step):
+    """A one-shot step vmapped over runs and jitted, returning the moved parameters and the metrics before and
+    after it."""
+    def program(params, aux, key, shared):
+        moved = step(trainer, params, aux, key)
+        return (moved, unlearn_metrics(trainer.model, params, None, aux, shared),
+                unlearn_metrics(trainer.model, moved, None, aux, shared))
+
+    return jax.jit(jax.vmap(program, in_axes=(0, 0, 0, None)))
+
+
+def run_method(name, pop, rng_of, *, schedule, recipe, hp=None, lr=None, every_epoch=True, chunk=None):
+    """Unlearn a population with method ``name`` (a registry name, or a ``Method``); per-run ``hp`` (defaults from
+    the registry) and ``lr`` (default the schedule's). ``rng_of(draw, purpose)`` gives the NumPy generator of one
+    random draw of a run.
+
+    Loss methods train ``schedule.epochs`` epochs (metrics at epoch 0 = the teacher, and after every epoch when
+    ``every_epoch``); one-shot steps act once, and their metrics stay flat after epoch 1.
+    """
+    method = METHODS[name] if isinstance(name, str) else name
+    hp = hyperparameters(method, pop.runs, **(hp or {}))
+    lrs = np.broadcast_to(np.asarray(schedule.lr if lr is None else lr, models.real_dtype()), (pop.runs,))
+    aux = pop.inputs | {"hp": hp}
+    if method.step is not None:
+        return _run_step(method, pop, rng_of, aux, schedule=schedule, recipe=recipe, every_epoch=every_epoch,
+                         chunk=chunk)
+    rows = ROWS[method.rows](pop, rng_of)
+    n_rows = rows["y"].shape[1]
+    batch = schedule.batch or n_rows
+    if method.mask:
+        aux["update_mask"] = MASKS[method.mask](pop, hp)
+    start = STARTS[method.start](pop, rng_of, aux.get("update_mask"))
+    plan = method_plans(method, pop, rng_of, hp, recipe=recipe, n_rows=n_rows, batch_size=batch,
+                        epochs=schedule.epochs)
+    trainer = models.Trainer(pop.model, method.loss, unlearn_metrics, batch, recipe, every_epoch,
+                             masked=method.mask is not None)
+    out = models.train_runs(trainer, start, rows, plan, lrs, aux=aux, shared=pop.shared, chunk=chunk)
+    samples = plan["mask"].sum(axis=(1, 2, 3))
+    n_forget = pop.inputs["trained_y"].shape[1]
+    extra = (method.whole_forget * n_forget * plan["mask"].any(axis=3).sum(axis=(1, 2))
+             + (method.mask == "saliency") * n_forget)
+    return Outcome(out.params, out.metrics, out.run_s / pop.runs, out.compile_s, samples + extra)
+
+
+def _run_step(method, pop, rng_of, aux, *, schedule, recipe, every_epoch, chunk):
+    trainer = models.Trainer(pop.model, recipe=recipe)
+    keys = jnp.stack([models.rng_key(rng_of(d, "step")) for d in pop.draws])
+    (params, before, after), compile_s, run_s = models.map_runs(
+        (trainer, method.step), step_program(trainer, method.step), (pop.params, aux, keys), pop.shared,
+        chunk=chunk)
+    metrics = after
+    if every_epoch:  # epoch 0 = the teacher, then the stepped model at every epoch
+        metrics = jax.tree.map(lambda b, a: np.concatenate([b[:, None], np.repeat(a[:, None], schedule.epochs, 1)],
+                                                           axis=1), before, after)
+    n_params = models.param_count(jax.tree.map(lambda a: a[0], pop.params))
+    hvps = min(n_params, NEWTON_CG_STEPS) if method.step is newton_step else 0
+    evals = pop.inputs["retain_y"].shape[1] * (1 + 2 * hvps)
+    return Outcome(params, metrics, run_s / pop.runs, compile_s, np.full(pop.runs, evals))

@@ -1,0 +1,80 @@
+"""The unlearning audit: attacks against known answers, and complete rows for every registered method."""
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+import audit
+import fidelity
+import methods
+import models
+import poison_unlearn as pu
+import run_unlearn_mnist as mnist_script
+import runner
+
+
+def test_mia_is_chance_on_samples_the_model_never_saw(mnist):
+    """Members and non-members from one distribution: out-of-fold accuracy is binomial around 0.5 with std
+    sqrt(0.25 / 300) = 0.029 per attack; the mean of 6 attacks has std 0.012, so 0.05 is a 4-sigma band."""
+    model = models.MLP((8,), in_dim=1024)
+    params = model.init(models.unit_key(0, "unseen"))
+    xs, ys = mnist[2][:900], mnist[3][:900]
+    losses = np.asarray(models.bce(model.logits(params, model.prepare(xs)), model.prepare(ys)))
+    accs = []
+    for seed in range(6):
+        order = np.random.default_rng(seed).permutation(len(losses))
+        accs.append(audit.simple_mia(losses[order[:150]], losses[order[150:300]], seed=seed)[0])
+    assert abs(np.mean(accs) - 0.5) < 0.05
+
+
+def test_mia_sees_a_memorising_teachers_flipped_samples(mnist):
+    xs, ys, xv, yv = mnist
+    ds = pu.Dataset("mnist", "none", xs, ys, xv, yv, raw_dim=784)
+    study = pu.Study("mlp", "64-16", "label_flip", 0.3, pu.Schedule(100, 32, 0.01), pu.Schedule(1, None, 0.01))
+    pop = pu.train_teachers(ds, study, runs=1, seed=0, fid=fidelity.CORRECTED, shared_teacher=True)
+    forget = models.take_runs(pop.inputs, 0)
+    params = models.take_runs(pop.params, 0)
+    member = np.asarray(models.bce(pop.model.logits(params, forget["trained_x"]), forget["trained_y"]))
+    held = np.asarray(models.bce(pop.model.logits(params, pop.shared["x_val"][:60]), pop.shared["y_val"][:60]))
+    acc, auc = audit.simple_mia(member, held, seed=0)
+    # the teacher holds every flipped label, yet it is confident on validation too: chance is 0.5 +- 0.046 here
+    assert acc > 0.65 and auc > 0.65
+
+
+def synthetic_confidences(rng, shift, runs=240, examples=60, rate=0.3):
+    means = rng.normal(size=examples)
+    member = rng.random((runs, examples)) < rate
+    unlearned = means + rng.normal(size=(runs, examples))
+    retrained = means + shift + rng.normal(size=(runs, examples))
+    return unlearned, retrained, member
+
+
+def test_ulira_recovers_the_bayes_optimal_accuracy(rng):
+    """Unit-variance Gaussians per example, means shifted by 1: the best test has accuracy Phi(1/2) = 0.691."""
+    acc, auc = audit.ulira(*synthetic_confidences(rng, 1.0), folds=4)
+    assert np.mean(acc) == pytest.approx(norm.cdf(0.5), abs=0.02)
+    assert np.mean(auc) == pytest.approx(norm.cdf(1 / np.sqrt(2)), abs=0.03)  # AUC of two unit Gaussians 1 apart
+
+
+def test_ulira_is_chance_when_unlearning_is_retraining(rng):
+    acc, auc = audit.ulira(*synthetic_confidences(rng, 0.0), folds=4)
+    assert np.mean(acc) == pytest.approx(0.5, abs=0.03) and np.mean(auc) == pytest.approx(0.5, abs=0.03)
+
+
+def test_audit_rows_cover_every_registered_method_including_a_new_one(monkeypatch):
+    """A method added to the registry is audited with no audit code change."""
+    monkeypatch.setitem(methods.METHODS, "finetune_gently",
+                        methods.Method(methods.retain_loss, hparams={"kl_w": 0.5}))
+    settings = runner.merged(mnist_script.SMOKE, {"methods": ["retrain", "finetune_gently", "newton"],
+                                                   "audit": {"shadows": 6, "folds": 3}})
+    settings |= {"seed": 0, "dtype": "complex64", "dataset": "mnist", "fidelity": fidelity.CORRECTED.as_dict()}
+    ctx = runner.Context(settings, mnist_script.load)
+    study = [s for s in ctx.studies() if s.model == "mlp"][0]
+    rows, _ = audit.audit_unit(ctx, study)
+    assert [r["method"] for r in rows[::6]] == ["teacher", "retrain", "finetune_gently", "newton"]
+    columns = runner.TABLES["audit"][1]
+    assert all(set(columns) <= set(r) for r in rows)
+    assert all(0 <= r[c] <= 1 for r in rows for c in ("mia_acc", "mia_auc", "ulira_acc", "ulira_auc"))
+    teacher = [r for r in rows if r["method"] == "teacher"]
+    assert all(r["relearn_epochs"] == 0 and r["grad_evals"] == 0 for r in teacher)
+    assert all(r["grad_evals"] > 0 and r["unlearn_s"] >= 0 for r in rows if r["method"] != "teacher")
