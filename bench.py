@@ -1,9 +1,15 @@
 """Benchmark of the training step of each model: compilation and steady-state throughput.
 
-Prints one JSON object per line. Defaults: the QNN at 10 qubits / depth 6 / batch 256 in complex64 and
-complex128, the XXZ QNN at 12 qubits / depth 4, and the MLP [64, 16]; batch 4096 lines when a GPU is
-present. Targets (design section 10): compile <= 15 s per shape; QNN >= 2,700 sample-gradients/s on a
-2-core CPU in complex64; >= 500,000 on one H100 at batch 4096.
+Prints one JSON object per line. Defaults: the QNN at 10 qubits / depth 6 / batch 256 in complex64 and complex128
+with, in the same run, a plain batched-einsum statevector formulation of the same circuit (no TensorCircuit; checked
+against the QNN's outputs first); the XXZ QNN at 12 qubits / depth 4; the MLP [64, 16]; batch 4096 lines when a GPU is
+present. ``--devices 1 2`` times a population of runs (vmapped, the run axis sharded with ``jax.sharding``) per
+device count; on a CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N. Targets (design
+section 10): compile <= 15 s per shape; QNN >= 2,700 sample-gradients/s on a 2-core CPU in complex64; >= 500,000 on
+one H100 at batch 4096.
+
+    python bench.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench.py --model qnn --devices 1 2 --runs 8
 """
 
 import argparse
@@ -23,33 +29,72 @@ def train_step(model, lr=0.005):
     opt = optax.adam(lr, eps=models.KERAS_EPS)
 
     def step(params, state, xs, ys):
-        loss, grads = jax.value_and_grad(
-            lambda p: models.bce(model.logits(p, xs), ys))(params)
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean(models.bce(model.logits(p, xs), ys)))(params)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
-    return opt, jax.jit(step, donate_argnums=(0, 1))
+    return opt, step
+
+
+class EinsumQNN(models.QNN):
+    """The same circuit as a plain batched-einsum statevector (qubits split in two halves, each half's rotations
+    as one Kronecker-product matrix, the rzz ring as a phase): the reference the TensorCircuit circuit is timed
+    against. Not used by the study."""
+
+    def logits(self, params, xs):
+        n, half = self.n_qubits, self.n_qubits // 2
+        psi = xs.reshape(xs.shape[0], 2**half, 2 ** (n - half))
+        signs = jnp.asarray(models.ring_zz_signs(n), params.dtype)
+        for theta in params:
+            rots = jax.vmap(self._rotation)(theta)
+            left, right = models.kron_all(list(rots[:half])), models.kron_all(list(rots[half:]))
+            psi = jnp.einsum("ij,bjk,lk->bil", left, psi, right)
+            psi = psi * jnp.exp(-0.5j * (theta[:, 3] @ signs)).reshape(2**half, -1)
+        probs = jnp.abs(psi.reshape(xs.shape[0], -1, 2)) ** 2
+        return 5.0 * jnp.sum(probs[..., 0] - probs[..., 1], axis=1)
+
+
+def inputs(model, in_dim, batch):
+    rng = np.random.default_rng(0)
+    return model.prepare(datar.random_unit_vectors(batch, in_dim, rng)), jnp.asarray(rng.integers(0, 2, batch))
+
+
+def timed(call, seconds):
+    """Steps per second of ``call`` (already compiled) over a window of about ``seconds``."""
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or steps < 3:
+        jax.block_until_ready(call())
+        steps += 1
+    return steps / (time.perf_counter() - start)
 
 
 def bench(model, in_dim, batch, seconds):
     """Compile time and sample-gradients per second of one Adam step of ``model``."""
-    rng = np.random.default_rng(0)
-    xs = model.prepare(datar.random_unit_vectors(batch, in_dim, rng))
-    ys = jnp.asarray(rng.integers(0, 2, batch))
-    params = model.init(jax.random.PRNGKey(0))
+    xs, ys = inputs(model, in_dim, batch)
     opt, step = train_step(model)
-    state = opt.init(params)
+    params = model.init(jax.random.PRNGKey(0))
+    args = (params, opt.init(params), xs, ys)
     start = time.perf_counter()
-    params, state, loss = step(params, state, xs, ys)
-    loss.block_until_ready()
+    compiled = jax.jit(step).lower(*args).compile()
     compile_s = time.perf_counter() - start
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or steps < 3:
-        params, state, loss = step(params, state, xs, ys)
-        steps += 1
-    loss.block_until_ready()
-    return {"compile_s": round(compile_s, 2),
-            "sample_grads_per_s": round(steps * batch / (time.perf_counter() - start))}
+    rate = timed(lambda: compiled(*args), seconds)
+    return {"compile_s": round(compile_s, 2), "sample_grads_per_s": round(rate * batch)}
+
+
+def bench_devices(model, in_dim, batch, runs, devices, seconds):
+    """Sample-gradients per second of ``runs`` independent Adam steps, vmapped, split across ``devices``."""
+    models.use_devices(devices)
+    xs, ys = inputs(model, in_dim, batch)
+    opt, step = train_step(model)
+    params = models.init_runs(model, jax.random.split(jax.random.PRNGKey(0), runs))
+    per_run = (params, jax.vmap(opt.init)(params), *(jnp.broadcast_to(a, (runs, *a.shape)) for a in (xs, ys)))
+    per_run, _ = models.place(per_run, {})
+    start = time.perf_counter()
+    compiled = jax.jit(jax.vmap(step)).lower(*per_run).compile()
+    compile_s = time.perf_counter() - start
+    rate = timed(lambda: compiled(*per_run), seconds)
+    return {"devices": devices, "runs": runs, "compile_s": round(compile_s, 2),
+            "sample_grads_per_s": round(rate * batch * runs)}
 
 
 def main():
@@ -59,30 +104,45 @@ def main():
     parser.add_argument("--depth", type=int, help="QNN depth")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 256, and 4096 on a GPU)")
     parser.add_argument("--dtype", choices=models.PRECISIONS, nargs="+", help="precisions to time")
-    parser.add_argument("--group-size", type=int, default=5, help="qubits per merged rotation gate")
+    parser.add_argument("--group-size", type=int, default=models.QNN.group_size, help="qubits per merged rotation")
+    parser.add_argument("--devices", type=int, nargs="+", help="time a population of --runs runs on each of these "
+                        "device counts instead")
+    parser.add_argument("--runs", type=int, default=8, help="runs of the population timed with --devices")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (default: models.keep_freed_memory)")
     parser.add_argument("--seconds", type=float, default=5.0, help="steady-state timing window per line")
     args = parser.parse_args()
+    malloc = "system" if args.system_malloc or not models.keep_freed_memory() else "kept"
 
     device = jax.devices()[0].platform
     batches = args.batch or ([256, 4096] if device == "gpu" else [256])
-    shapes = [(args.qubits, args.depth)] if args.qubits else [(10, 6), (12, 4)]
-    runs = []
+    shapes = [(args.qubits, args.depth or 6)] if args.qubits else [(10, 6), (12, 4)]
+    lines = []
     if args.model in ("qnn", "all"):
         for qubits, depth in shapes:
             depth = args.depth or depth
-            dtypes = args.dtype or (["complex64", "complex128"] if qubits == 10 else ["complex64"])
-            for dtype in dtypes:
+            for dtype in args.dtype or (["complex64", "complex128"] if qubits == 10 else ["complex64"]):
                 for batch in batches:
-                    runs.append(("qnn", {"qubits": qubits, "depth": depth}, dtype, batch,
-                                 models.QNN(qubits, depth, group_size=args.group_size), 2**qubits))
+                    shape = {"qubits": qubits, "depth": depth}
+                    lines.append(("qnn", shape, dtype, batch, models.QNN(qubits, depth, group_size=args.group_size)))
+                    if not args.devices:
+                        lines.append(("qnn-einsum-reference", shape, dtype, batch, EinsumQNN(qubits, depth)))
     if args.model in ("mlp", "all"):
-        for batch in batches:
-            runs.append(("mlp", {"hidden": [64, 16]}, "complex64", batch, models.MLP((64, 16)), 1024))
-    for name, shape, dtype, batch, model, in_dim in runs:
+        lines += [("mlp", {"hidden": [64, 16]}, "complex64", batch, models.MLP((64, 16))) for batch in batches]
+    for name, shape, dtype, batch, model in lines:
         models.set_precision(dtype)
-        result = bench(model, in_dim, batch, args.seconds)
-        print(json.dumps({"model": name, **shape, "batch": batch, "dtype": dtype, "device": device,
-                          **result}), flush=True)
+        in_dim = getattr(model, "in_dim", None) or 2**model.n_qubits
+        extra = {}
+        if isinstance(model, EinsumQNN):  # the reference must compute the same circuit
+            reference = models.QNN(model.n_qubits, model.depth)
+            params = reference.init(jax.random.PRNGKey(1)) + 0.5
+            xs = inputs(model, in_dim, 8)[0]
+            extra["max_abs_diff_vs_qnn"] = float(jnp.abs(model.logits(params, xs) - reference.logits(params, xs)).max())
+        results = ([bench_devices(model, in_dim, batch, args.runs, count, args.seconds) for count in args.devices]
+                   if args.devices else [bench(model, in_dim, batch, args.seconds)])
+        for result in results:
+            print(json.dumps({"model": name, **shape, "batch": batch, "dtype": dtype, "device": device,
+                              "malloc": malloc, **result, **extra}), flush=True)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's fi
 })
 
 SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings
+    "methods": [*methods.PAPER_METHODS, "salun", "newton"],  # every code path: masks and one-shot steps
     "num_train": 100,
     "phase": {"alphas": [0.0, 0.5], "models": {
         "qnn": {"arch": "depth2", "schedule": schedule(2, 50, 0.05)}, "mlp": DROP,

@@ -59,6 +59,7 @@ QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's fi
 })
 
 SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings
+    "methods": [*methods.PAPER_METHODS, "salun", "newton"],  # every code path: masks and one-shot steps
     "qubits": 6,
     "phase": {"alphas": [0.0, 0.5], "models": {
         "qnn": {"arch": "depth2", "schedule": schedule(3, 32, 0.03)},

@@ -435,6 +435,7 @@ def _on_worker(settings, load, study_data, part, index, devices, fail_once_dir):
             os._exit(1)
     key = json.dumps(settings, sort_keys=True)
     if key not in _WORKER:
+        models.keep_freed_memory()
         models.set_precision(settings["dtype"])
         models.use_devices(devices)
         _WORKER.clear()
@@ -505,6 +506,7 @@ def main(dataset, description, presets, load, parts, argv=None, extra=None, extr
     import plots
 
     args = parse_args(description, presets, parts, argv, extra)
+    models.keep_freed_memory()
     try:
         devices = models.use_devices(args.devices)
     except ValueError as err:

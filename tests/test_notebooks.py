@@ -17,7 +17,7 @@ def smoke_results(tmp_path_factory):
     return base
 
 
-@pytest.mark.parametrize("name,folder,figures", [("test_mnist.ipynb", "mnist", 6), ("test_xxz.ipynb", "xxz", 4),
+@pytest.mark.parametrize("name,folder,figures", [("test_mnist.ipynb", "mnist", 9), ("test_xxz.ipynb", "xxz", 7),
                                                   ("heissian.ipynb", "mnist", 2)])
 def test_notebook_executes_and_draws(name, folder, figures, smoke_results, monkeypatch):
     monkeypatch.setenv("QMU_RESULTS", str(smoke_results / folder))

@@ -1,0 +1,45 @@
+"""Past one device: the run axis sharded across (simulated) devices, and units as Ray tasks, give the same rows."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run_script(script, out, *args, env=None):
+    command = [sys.executable, script, "--preset", "smoke", "--out", str(out), *args]
+    done = subprocess.run(command, cwd=ROOT, env=os.environ | (env or {}), capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def rows(path):
+    lines = path.read_text().splitlines()
+    return lines[0], sorted(lines[1:])
+
+
+def test_sharded_runs_give_the_rows_of_one_device(tmp_path):
+    two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    one = run_script("run_unlearn_xxz.py", tmp_path / "one", "--parts", "phase,unlearn", "--devices", "1", env=two)
+    both = run_script("run_unlearn_xxz.py", tmp_path / "two", "--parts", "phase,unlearn", env=two)
+    assert json.loads((both / "config.json").read_text())["execution"]["devices"] == 2
+    for table in ("phase.csv", "unlearn.csv"):
+        assert rows(one / table) == rows(both / table)
+
+
+def test_ray_gives_the_serial_rows_once_even_when_workers_die(tmp_path):
+    pytest.importorskip("ray")
+    serial = run_script("run_unlearn_mnist.py", tmp_path / "serial", "--parts", "phase")
+    markers = tmp_path / "killed"
+    markers.mkdir()
+    ray = run_script("run_unlearn_mnist.py", tmp_path / "ray", "--parts", "phase", "--ray",
+                     env={"QMU_FAIL_ONCE_DIR": str(markers)})
+    assert len(list(markers.iterdir())) == 4  # every unit's first attempt killed its worker, and was retried
+    header, lines = rows(ray / "phase.csv")
+    assert (header, lines) == rows(serial / "phase.csv")
+    assert len(lines) == len(set(lines))  # no unit written twice
