@@ -207,10 +207,12 @@ def bce(logits, labels):
 def probability_ce(logits, labels, eps=1e-14):
     """The authors' QNN cross-entropy, -(y log(p + eps) + (1 - y) log(1 - p + eps)) with p = sigmoid(logits).
 
-    Unlike ``bce``, a confidently wrong sample (p rounds to 0 or 1) gets no gradient: the sigmoid saturates.
+    Unlike ``bce``, a confidently wrong sample (|logit| beyond about 32, where eps dominates) gets no gradient.
+    1 - p is computed as sigmoid(-logits): identical, but XLA cannot fold it into (1 + eps) - p, which in float32
+    is 0 for a saturated sample and turns the loss into NaN (the authors ran in float64, where it cannot happen).
     """
-    p, y = jax.nn.sigmoid(logits), labels.astype(logits.dtype)
-    return -(y * jnp.log(p + eps) + (1 - y) * jnp.log(1 - p + eps))
+    y = labels.astype(logits.dtype)
+    return -(y * jnp.log(jax.nn.sigmoid(logits) + eps) + (1 - y) * jnp.log(jax.nn.sigmoid(-logits) + eps))
 
 
 def bernoulli_kl(teacher_logits, student_logits):

@@ -208,6 +208,17 @@ def test_losses_and_divergences_by_hand():
     assert float(jax.grad(lambda a: models.bce(a, jnp.array(1)))(jnp.array(-60.0))) == pytest.approx(-1.0)
 
 
+def test_probability_ce_stays_finite_when_compiled_in_float32():
+    """XLA may fold 1 - p + eps into (1 + eps) - p, which is 0 in float32 for a saturated sample: no NaN here."""
+    z = jnp.array([-90.0, -30.0, 0.0, 30.0, 90.0], jnp.float32)
+    for label in (0, 1):
+        y = jnp.full(z.shape, label)
+        loss = jax.jit(lambda a: models.probability_ce(a, y))(z)
+        grad = jax.jit(jax.grad(lambda a: jnp.sum(models.probability_ce(a, y))))(z)
+        assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+        np.testing.assert_allclose(loss, models.probability_ce(z, y), rtol=1e-6)
+
+
 def test_summed_loss_recipe_takes_the_summed_gradient(mnist):
     """The authors' QNN batches sum their losses (TensorCircuit's vvag): with one Adam step and a tiny epsilon
     the step is sign-like either way, but the first moment differs by the batch size; check the loss itself."""
