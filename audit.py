@@ -160,7 +160,8 @@ def audit_unit(ctx, study):
     teacher = describe(pop.params)
     y_val = np.asarray(ds.ys_val)
     rows = []
-    for name, state, outcome in [("teacher", teacher, None)] + [(n, describe(o.params), o) for n, o in outcomes.items()]:
+    states = [("teacher", teacher, None)] + [(name, describe(o.params), o) for name, o in outcomes.items()]
+    for name, state, outcome in states:
         acc, auc = ulira(np.nan_to_num(state["phi"]), np.nan_to_num(ref["phi"]), member, folds=cfg["folds"])
         if outcome is None:
             epochs, capped = np.zeros(pop.runs, int), np.zeros(pop.runs, bool)

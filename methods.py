@@ -3,9 +3,9 @@
 A method is a loss over a minibatch stream run by the engine of ``models.py`` (or a one-shot step), plus a few
 declarative choices: where it starts (the teacher, a fresh initialisation, or the teacher with its last layers
 re-initialised), which rows its minibatches come from (the retain set, or retain and forget rows labelled one way
-or another) and in which order, an optional 0/1 mask multiplied into its updates, and its hyper-parameters (traced per-run values,
-so a sweep over any of them compiles once). Every part of a study (unlearn, sweep, audit) reads ``METHODS``:
-a method added here appears everywhere without further code.
+or another) and in which order, an optional 0/1 mask multiplied into its updates, and its hyper-parameters (traced
+per-run values, so a sweep over any of them compiles once). Every part of a study (unlearn, sweep, audit) reads
+``METHODS``: a method added here appears everywhere without further code.
 
 Conventions: a *population* is R runs of one study (``Population``): teachers with a leading run axis and each
 run's retain and forget arrays. ``trained_x, trained_y`` is the forget set as the teacher saw it (poisoned);
@@ -183,8 +183,8 @@ METHODS = {
                           whole_forget=True, paper=True),
     "neggrad_plus": Method(neggrad_plus_loss, hparams={"beta": 0.9}, key="beta",
                            grid=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99), whole_forget=True),
-    "scrub_minmax": Method(minmax_loss, rows="joined", plan="minmax", hparams={"kl_w": 1.0, "msteps": 3, "forget_lr": 1.0},
-                           key="msteps", grid=(1, 2, 3, 5, 8, 12)),
+    "scrub_minmax": Method(minmax_loss, rows="joined", plan="minmax", key="msteps", grid=(1, 2, 3, 5, 8, 12),
+                           hparams={"kl_w": 0.001, "msteps": 3, "forget_lr": 1.0}),  # SCRUB's alpha / gamma
     "random_labels": Method(models.ce_loss, rows="relabelled"),
     "salun": Method(models.ce_loss, rows="relabelled", mask="saliency", hparams={"gamma": 0.5}, key="gamma",
                     grid=(0.1, 0.3, 0.5, 0.7, 0.9)),
@@ -353,14 +353,25 @@ class Outcome:
 
 @functools.lru_cache(maxsize=None)
 def step_program(trainer, step):
-    """A one-shot step vmapped over runs and jitted, returning the moved parameters and the metrics before and
-    after it."""
+    """A one-shot step vmapped over runs and jitted, returning the moved parameters and their metrics."""
     def program(params, aux, key, shared):
         moved = step(trainer, params, aux, key)
-        return (moved, unlearn_metrics(trainer.model, params, None, aux, shared),
-                unlearn_metrics(trainer.model, moved, None, aux, shared))
+        return moved, unlearn_metrics(trainer.model, moved, None, aux, shared)
 
     return jax.jit(jax.vmap(program, in_axes=(0, 0, 0, None)))
+
+
+@functools.lru_cache(maxsize=None)
+def _evaluation_program(model):
+    return jax.jit(jax.vmap(lambda p, x, s: unlearn_metrics(model, p, None, x, s), in_axes=(0, 0, None)))
+
+
+def evaluate(pop, params, chunk=None):
+    """``unlearn_metrics`` of parameters of each run on the population's sets: one program per model and shapes,
+    shared by every method (it gives their epoch 0)."""
+    metrics, compile_s, _ = models.map_runs(("evaluate", pop.model), _evaluation_program(pop.model),
+                                            (params, pop.inputs), pop.shared, chunk=chunk)
+    return metrics, compile_s
 
 
 def run_method(name, pop, rng_of, *, schedule, recipe, hp=None, lr=None, every_epoch=True, chunk=None):
@@ -393,19 +404,29 @@ def run_method(name, pop, rng_of, *, schedule, recipe, hp=None, lr=None, every_e
     n_forget = pop.inputs["trained_y"].shape[1]
     extra = (method.whole_forget * n_forget * plan["mask"].any(axis=3).sum(axis=(1, 2))
              + (method.mask == "saliency") * n_forget)
-    return Outcome(out.params, out.metrics, out.run_s / pop.runs, out.compile_s, samples + extra)
+    metrics, compile_s = out.metrics, out.compile_s
+    if every_epoch:
+        metrics, seconds = _with_epoch_zero(pop, start, metrics, chunk)
+        compile_s += seconds
+    return Outcome(out.params, metrics, out.run_s / pop.runs, compile_s, samples + extra)
+
+
+def _with_epoch_zero(pop, start, history, chunk):
+    """Per-epoch metrics with the starting point's metrics prepended as epoch 0."""
+    first, compile_s = evaluate(pop, start, chunk)
+    return jax.tree.map(lambda a, h: np.concatenate([a[:, None], h], axis=1), first, history), compile_s
 
 
 def _run_step(method, pop, rng_of, aux, *, schedule, recipe, every_epoch, chunk):
     trainer = models.Trainer(pop.model, recipe=recipe)
     keys = jnp.stack([models.rng_key(rng_of(d, "step")) for d in pop.draws])
-    (params, before, after), compile_s, run_s = models.map_runs(
+    (params, metrics), compile_s, run_s = models.map_runs(
         (trainer, method.step), step_program(trainer, method.step), (pop.params, aux, keys), pop.shared,
         chunk=chunk)
-    metrics = after
     if every_epoch:  # epoch 0 = the teacher, then the stepped model at every epoch
-        metrics = jax.tree.map(lambda b, a: np.concatenate([b[:, None], np.repeat(a[:, None], schedule.epochs, 1)],
-                                                           axis=1), before, after)
+        metrics, seconds = _with_epoch_zero(pop, pop.params, jax.tree.map(
+            lambda a: np.repeat(a[:, None], schedule.epochs, 1), metrics), chunk)
+        compile_s += seconds
     n_params = models.param_count(jax.tree.map(lambda a: a[0], pop.params))
     hvps = min(n_params, NEWTON_CG_STEPS) if method.step is newton_step else 0
     evals = pop.inputs["retain_y"].shape[1] * (1 + 2 * hvps)

@@ -46,6 +46,14 @@ def keep_freed_memory():
                for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_arena_max, 1)))
 
 
+def cache_compilations(folder=None):
+    """Keep compiled programs on disk (JAX's persistent compilation cache, default ``$QMU_CACHE/jax``): a rerun,
+    a resumed run or a notebook re-running a script skips most compilation. Entries are keyed by the program
+    and the library versions, so a stale entry is never used. Process-wide: called by the entry points."""
+    jax.config.update("jax_compilation_cache_dir", str(folder or datar.CACHE_DIR / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def set_precision(dtype):
     """Process-wide precision of circuits and parameters: 'complex64' or 'complex128'."""
     if dtype not in PRECISIONS:
@@ -352,7 +360,7 @@ class Trainer:
 
     ``loss(trainer, params, batch, mask, aux)`` sees a minibatch of the per-sample arrays in ``data``;
     ``metrics(model, params, data, aux, shared)`` returns a dict of scalars, recorded after the last group of
-    the plan, or at the start and after every group (epoch) with ``every_epoch``. With ``masked``, updates
+    the plan, or after every group (epoch) with ``every_epoch``. With ``masked``, updates
     are multiplied by ``aux['update_mask']`` (a 0/1 pytree like the parameters). Hashable: one compilation
     per trainer and shape.
     """
@@ -371,7 +379,7 @@ def fit(trainer, params, data, plan, lr, aux, shared):
 
     A step whose minibatch holds no real sample changes nothing (parameters and optimiser state), so plans
     of one shape can carry optional steps. Returns ``(params, metrics)``; with ``every_epoch`` metrics
-    have a leading axis (groups + 1, the first before training).
+    have a leading axis, one entry after each group (epoch).
     """
     model = trainer.model
     opt = optax.adam(jnp.asarray(lr, jax.tree.leaves(params)[0].dtype), eps=trainer.recipe.adam_eps)
@@ -395,11 +403,8 @@ def fit(trainer, params, data, plan, lr, aux, shared):
         carry, _ = jax.lax.scan(step, carry, steps)
         return carry, (evaluate(carry[0]) if trainer.every_epoch else None)
 
-    start = evaluate(params) if trainer.every_epoch else None
     (params, _), history = jax.lax.scan(group, (params, opt.init(params)), plan)
-    if trainer.every_epoch:
-        return params, jax.tree.map(lambda a, h: jnp.concatenate([a[None], h]), start, history)
-    return params, evaluate(params)
+    return params, (history if trainer.every_epoch else evaluate(params))
 
 
 TRACE_COUNT = {"fit": 0}  # incremented each time JAX traces the runs function (tests count compilations)
@@ -503,6 +508,7 @@ def train_runs(trainer, params, data, plan, lr, *, aux=None, shared=None, chunk=
 
     ``plan`` holds each run's minibatches (:func:`epoch_plan`, :func:`stream_plan`); ``lr`` is a scalar or an
     (R,) array; ``shared`` (validation data) is the same for all runs. See :func:`map_runs` for ``chunk``.
+    With ``every_epoch`` the metrics have an epoch axis, one entry after each epoch.
     """
     lrs = np.broadcast_to(np.asarray(lr, real_dtype()), (len(plan["idx"]),))
     per_run = (params, data, plan, lrs, {} if aux is None else aux)

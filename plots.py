@@ -123,8 +123,8 @@ def hparam_sweep_figure(df):
                          value_name="accuracy")
         sns.lineplot(data=long, x="value", y="accuracy", hue="metric", marker="o", errorbar="sd", ax=ax)
         param = part["param"].iloc[0]
-        ax.set(title=f"{method}: {MODEL_NAMES[model]} {arch}, {POISON_NAMES[poison]}", xlabel=f"{param} (dimensionless)",
-               ylabel=ACC, ylim=(-0.02, 1.02), xscale="log" if param in LOG_PARAMS else "linear")
+        ax.set(title=f"{method}: {MODEL_NAMES[model]} {arch}, {POISON_NAMES[poison]}", ylabel=ACC, ylim=(-0.02, 1.02),
+               xlabel=f"{param} (dimensionless)", xscale="log" if param in LOG_PARAMS else "linear")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()

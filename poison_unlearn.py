@@ -9,7 +9,6 @@ rows; which definitions a unit uses (the paper's or ours) comes from a ``fidelit
 import math
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

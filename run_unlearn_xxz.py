@@ -50,12 +50,12 @@ QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's fi
     "phase": {"models": {"qnn": {"schedule": schedule(60, 32, 0.03)},
                          "mlp 32-8": DROP, "mlp 8-4": DROP, "qnn depth5": DROP, "qnn depth7": DROP,
                          "qnn depth6": {"schedule": schedule(60, 32, 0.03)}}},
-    "unlearn": {"studies": {"qnn": {"teacher": schedule(60, 32, 0.03), "unlearn": schedule(30, None, 0.005)},
+    "unlearn": {"studies": {"qnn": {"teacher": schedule(60, 32, 0.03), "unlearn": schedule(15, None, 0.005)},
                             "mlp": {"unlearn": schedule(30, None, 0.01)},
                             "mlp features": {"unlearn": schedule(30, None, 0.01)}}},
     "sweep": {"kl_w": [0.0, 0.3, 0.6, 0.9], "fo_w": [0.0, 0.3, 0.6, 0.9], "hparam_points": 3,
               "lr_factors": [0.316, 1.0, 3.16]},
-    "audit": {"shadows": 16, "relearn_epochs": 15},
+    "audit": {"shadows": 8, "relearn_epochs": 5},
 })
 
 SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings

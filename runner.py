@@ -338,10 +338,15 @@ def study_key(ctx, study):
             "alpha": study.alpha}
 
 
+def study_units(ctx, work):
+    """One unit per unlearning study, running ``work(ctx, study=...)``."""
+    return [Unit(study_key(ctx, s), f"{s.model} {s.arch} {s.poison} alpha={s.alpha}", functools.partial(work, study=s))
+            for s in ctx.studies()]
+
+
 def unlearn_units(ctx):
     """One unit per study: the teacher and every method, R runs each."""
-    return [Unit(study_key(ctx, s), f"{s.model} {s.arch} {s.poison} alpha={s.alpha}", functools.partial(_unlearn, study=s))
-            for s in ctx.studies()]
+    return study_units(ctx, _unlearn)
 
 
 def _sweep(ctx, study, method, sweep, param, values, fixed):
@@ -406,8 +411,7 @@ def _audit(ctx, study):
 
 def audit_units(ctx):
     """One unit per study: K shadow runs of teacher, oracle retrain and every method, then the attacks."""
-    return [Unit(study_key(ctx, s), f"{s.model} {s.arch} {s.poison} alpha={s.alpha}", functools.partial(_audit, study=s))
-            for s in ctx.studies()]
+    return study_units(ctx, _audit)
 
 
 def hessian_units(ctx):
@@ -436,6 +440,7 @@ def _on_worker(settings, load, study_data, part, index, devices, fail_once_dir):
     key = json.dumps(settings, sort_keys=True)
     if key not in _WORKER:
         models.keep_freed_memory()
+        models.cache_compilations()
         models.set_precision(settings["dtype"])
         models.use_devices(devices)
         _WORKER.clear()
@@ -507,6 +512,7 @@ def main(dataset, description, presets, load, parts, argv=None, extra=None, extr
 
     args = parse_args(description, presets, parts, argv, extra)
     models.keep_freed_memory()
+    models.cache_compilations()
     try:
         devices = models.use_devices(args.devices)
     except ValueError as err:
