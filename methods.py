@@ -272,7 +272,7 @@ def last_layers_mask(pop, hp):
     return jax.tree.map(lambda d: (d < k.reshape((-1,) + (1,) * (d.ndim - 1))).astype(models.real_dtype()), depth)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _saliency_program(model):
     def one(params, x, y, gamma):
         grads = jax.grad(lambda p: jnp.mean(models.bce(model.logits(p, x), y)))(params)
@@ -351,7 +351,7 @@ class Outcome:
     grad_evals: np.ndarray
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def step_program(trainer, step):
     """A one-shot step vmapped over runs and jitted, returning the moved parameters and their metrics."""
     def program(params, aux, key, shared):
@@ -361,7 +361,7 @@ def step_program(trainer, step):
     return jax.jit(jax.vmap(program, in_axes=(0, 0, 0, None)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _evaluation_program(model):
     return jax.jit(jax.vmap(lambda p, x, s: unlearn_metrics(model, p, None, x, s), in_axes=(0, 0, None)))
 

@@ -410,7 +410,7 @@ def fit(trainer, params, data, plan, lr, aux, shared):
 TRACE_COUNT = {"fit": 0}  # incremented each time JAX traces the runs function (tests count compilations)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_runs(trainer):
     """``fit`` vmapped over independent runs (params, data, plan, lr, aux) and jitted, once per trainer."""
 
@@ -522,7 +522,7 @@ def stack_plans(plans):
     return jax.tree.map(lambda *a: np.stack(a), *plans)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run_logits(model, shared_inputs=False):
     """``model.logits`` vmapped over runs and jitted once per model: parameters have a leading run axis, and so
     do the inputs unless ``shared_inputs``."""

@@ -207,8 +207,12 @@ def fidelity_figure(phases):
     df = pd.concat([d.assign(fidelity=name) for name, d in phases.items()])
     df = df.assign(variant=df["model"].map(MODEL_NAMES) + " " + variant(df))
     panels = list(dict.fromkeys(zip(df["variant"], df["poison"])))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
-    for ax, (var, poison) in zip(axes[0], panels):
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (var, poison) in zip(axes.flat, panels):
         sns.lineplot(data=df[(df["variant"] == var) & (df["poison"] == poison)], x="alpha", y="val_acc",
                      hue="fidelity", style="fidelity", markers=True, errorbar="sd", ax=ax)
         ax.set(title=f"{var}\n{POISON_NAMES[poison]}", xlabel="poisoning ratio α",

@@ -41,7 +41,7 @@ PAPER = {  # the authors' src/run_unlearn_mnist.py and plot_hessian.ipynb
 QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's findings
     "dtype": "complex64", "runs": 2,
     "phase": {"models": {"qnn": {"schedule": schedule(30, 64, 0.005)}}},
-    "unlearn": {"studies": {"qnn": {"teacher": schedule(30, 64, 0.005), "unlearn": schedule(10, None, 0.01)}}},
+    "unlearn": {"studies": {"qnn": {"teacher": schedule(30, 64, 0.005), "unlearn": schedule(10, 64, 0.01)}}},
     "sweep": {"kl_w": [0.0, 0.2, 0.8], "fo_w": [0.0, 0.2, 0.8], "hparam_points": 3, "lr_factors": [0.316, 1.0, 3.16]},
     "audit": {"shadows": 8, "relearn_epochs": 5},
     "hessian": {"seeds": [0, 123], "lanczos_steps": 40, "probes": 30,

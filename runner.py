@@ -18,9 +18,9 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm

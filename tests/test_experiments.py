@@ -150,7 +150,7 @@ def logistic_population(rng, n=600, n_forget=12):
     def optimum(x, y):
         params = model.init(jax.random.PRNGKey(0))
         flat, unravel = jax.flatten_util.ravel_pytree(params)
-        loss = lambda w: jnp.mean(models.bce(model.logits(unravel(w), x), y))  # noqa: E731
+        loss = lambda w: jnp.mean(models.bce(model.logits(unravel(w), x), y))
         for _ in range(30):
             flat = methods.newton_update(loss, flat, 0.0)
         return unravel(flat)
@@ -162,7 +162,7 @@ def logistic_population(rng, n=600, n_forget=12):
               "forget_x": x[:n_forget], "forget_y": y[:n_forget], "trained_x": x[:n_forget],
               "trained_y": y[:n_forget], "trained_t": model.logits(teacher, x[:n_forget]),
               "kl_x": x[:n_forget], "kl_t": model.logits(teacher, x[:n_forget]), "forget_idx": jnp.arange(n_forget)}
-    batch = lambda tree: jax.tree.map(lambda a: a[None], tree)  # noqa: E731
+    batch = lambda tree: jax.tree.map(lambda a: a[None], tree)
     pop = methods.Population(model, batch(teacher), batch(inputs), {"x_val": x, "y_val": y}, [("logistic",)])
     return pop, teacher, retained
 
@@ -187,7 +187,7 @@ def test_newton_update_solves_a_quadratic_exactly(size, precision):
     basis = np.linalg.qr(rng.normal(size=(size, size)))[0]
     a = jnp.asarray(basis @ np.diag(np.linspace(1, 3, size)) @ basis.T)
     b = jnp.asarray(rng.normal(size=size))
-    loss = lambda w: 0.5 * w @ a @ w - b @ w  # noqa: E731
+    loss = lambda w: 0.5 * w @ a @ w - b @ w
     np.testing.assert_allclose(methods.newton_update(loss, jnp.asarray(rng.normal(size=size)), 0.0),
                                np.linalg.solve(a, b), atol=1e-8)
 
