@@ -360,7 +360,7 @@ def _sweep(ctx, study, method, sweep, param, values, fixed):
 def sweep_plan(ctx, study):
     """(method, sweep, parameter, values, fixed hyper-parameters) of a study's sweeps: the paper's weight grids
     (SCRUB kl_w x fo_w, a unit per kl_w; gradient ascent over fo_w), every other method's key hyper-parameter,
-    and the learning rate of every method (factors of the study's rate)."""
+    and the learning rate of every method that trains (factors of the study's rate; one-shot steps have none)."""
     import methods
 
     cfg, names = ctx.settings["sweep"], ctx.settings["methods"]
@@ -374,7 +374,7 @@ def sweep_plan(ctx, study):
         if method.key and not method.paper:
             lines.append((name, "hparam", method.key, pick(method.grid, cfg["hparam_points"]), {}))
     lrs = [round(study.unlearn.lr * f, 8) for f in cfg["lr_factors"]]
-    lines += [(name, "lr", "lr", lrs, {}) for name in names]
+    lines += [(name, "lr", "lr", lrs, {}) for name in names if methods.METHODS[name].step is None]
     return lines
 
 

@@ -1,6 +1,7 @@
 """Resilience sweep, teachers, the method registry and its exact reductions, sweeps, on tiny problems."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import fidelity
 import methods
 import models
 import poison_unlearn as pu
+import runner
 
 RNG_OF = pu.draw_rng(0)
 
@@ -150,9 +152,8 @@ def logistic_population(rng, n=600, n_forget=12):
     def optimum(x, y):
         params = model.init(jax.random.PRNGKey(0))
         flat, unravel = jax.flatten_util.ravel_pytree(params)
-        loss = lambda w: jnp.mean(models.bce(model.logits(unravel(w), x), y))
-        for _ in range(30):
-            flat = methods.newton_update(loss, flat, 0.0)
+        for _ in range(30):  # Newton's method (Gauss-Newton = Hessian here)
+            flat = methods.newton_update(lambda w: model.logits(unravel(w), x), models.bce, y, flat, 0.0)
         return unravel(flat)
 
     x, y = jnp.asarray(xs), jnp.asarray(ys)
@@ -180,16 +181,30 @@ def test_newton_step_on_logistic_regression_lands_on_retraining(rng):
         models.set_precision("complex64")
 
 
-@pytest.mark.parametrize("size", [6, 60], ids=["exact", "conjugate-gradients"])
-def test_newton_update_solves_a_quadratic_exactly(size, precision):
+@pytest.mark.parametrize("features", [6, 60], ids=["direct", "conjugate-gradients"])
+def test_newton_update_on_a_logistic_regression_is_the_damped_newton_step(features, precision):
     precision("complex128")
-    rng = np.random.default_rng(size)
-    basis = np.linalg.qr(rng.normal(size=(size, size)))[0]
-    a = jnp.asarray(basis @ np.diag(np.linspace(1, 3, size)) @ basis.T)
-    b = jnp.asarray(rng.normal(size=size))
-    loss = lambda w: 0.5 * w @ a @ w - b @ w
-    np.testing.assert_allclose(methods.newton_update(loss, jnp.asarray(rng.normal(size=size)), 0.0),
-                               np.linalg.solve(a, b), atol=1e-8)
+    rng = np.random.default_rng(features)
+    x, w = jnp.asarray(rng.normal(size=(400, features))), jnp.asarray(rng.normal(size=features) / features)
+    y = jnp.asarray((rng.random(400) < 0.5).astype(np.int32))
+    loss = lambda w: jnp.mean(models.bce(x @ w, y))
+    expected = w - np.linalg.solve(jax.hessian(loss)(w) + 0.1 * np.eye(features), jax.grad(loss)(w))
+    np.testing.assert_allclose(methods.newton_update(lambda w: x @ w, models.bce, y, w, 0.1), expected, atol=1e-8)
+
+
+def test_gauss_newton_matrix_of_a_relu_net_is_jacobian_weighted_and_positive(precision):
+    precision("complex128")
+    rng = np.random.default_rng(3)
+    model = models.MLP((4, 2), in_dim=5)
+    flat, unravel = jax.flatten_util.ravel_pytree(model.init(jax.random.PRNGKey(1)))
+    x, y = jnp.asarray(rng.normal(size=(50, 5))), jnp.asarray(rng.integers(0, 2, 50))
+    logits_of = lambda w: model.logits(unravel(w), x)
+    grad, product = methods.gauss_newton(logits_of, models.bce, y, flat)
+    matrix = np.asarray(jax.vmap(product)(jnp.eye(flat.size)))
+    jac, p = np.asarray(jax.jacfwd(logits_of)(flat)), np.asarray(jax.nn.sigmoid(logits_of(flat)))
+    np.testing.assert_allclose(matrix, jac.T @ (jac * (p * (1 - p) / len(p))[:, None]), atol=1e-12)
+    np.testing.assert_allclose(grad, jax.grad(lambda w: jnp.mean(models.bce(logits_of(w), y)))(flat), atol=1e-12)
+    assert np.linalg.eigvalsh(matrix).min() > -1e-12
 
 
 def test_unlearn_unit_rows_and_oracle(tiny, study, pop):
@@ -218,3 +233,12 @@ def test_a_sweep_over_any_hyperparameter_compiles_once(tiny, study, pop, method,
     assert compiles() == before  # no XLA compilation at all for new values
     assert [(r["value"], r["run"]) for r in rows] == [(first[0], 0), (first[0], 1), (first[1], 0), (first[1], 1)]
     assert {r["value"] for r in again} == set(map(float, second))
+
+
+def test_the_rate_is_swept_for_every_method_that_trains_and_no_one_shot_step():
+    ctx = SimpleNamespace(settings={"methods": list(methods.METHODS), "sweep": {
+        "kl_w": [0.0], "fo_w": [0.0], "hparam_points": 2, "lr_factors": [0.5, 2.0]}})
+    lines = runner.sweep_plan(ctx, SimpleNamespace(unlearn=pu.Schedule(1, None, 0.01)))
+    rate_swept = {method: values for method, sweep, _, values, _ in lines if sweep == "lr"}
+    assert set(rate_swept) == {name for name, m in methods.METHODS.items() if m.step is None}
+    assert {"newton", "fisher"}.isdisjoint(rate_swept) and rate_swept["finetune"] == [0.005, 0.02]
