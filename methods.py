@@ -293,14 +293,16 @@ def _saliency_program(model):
     def one(params, x, y, gamma):
         grads = jax.grad(lambda p: jnp.mean(models.bce(model.logits(p, x), y)))(params)
         flat, unravel = ravel_pytree(jax.tree.map(jnp.abs, grads))
-        return unravel((flat >= jnp.quantile(flat, 1 - gamma)).astype(flat.dtype))
+        rank = jnp.argsort(jnp.argsort(-flat, stable=True))  # 0 = largest; ties (dead units, padding) by index
+        return unravel((rank < jnp.round(gamma * flat.size)).astype(flat.dtype))
 
     return jax.jit(jax.vmap(one))
 
 
 def saliency_mask(pop, hp):
     """SalUn (Fan et al. 2024): 1 on the fraction gamma of parameters with the largest |gradient| of the forget
-    loss at the teacher (one threshold over all parameters), 0 elsewhere; gamma = 1 keeps everything."""
+    loss at the teacher (one ranking over all parameters), 0 elsewhere; gamma = 1 keeps everything. A ranking,
+    not a quantile threshold: a ReLU MLP has many exactly-zero gradients, and ">= the quantile" kept them all."""
     return _saliency_program(pop.model)(pop.params, pop.inputs["trained_x"], pop.inputs["trained_y"],
                                         jnp.asarray(hp["gamma"]))
 

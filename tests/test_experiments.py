@@ -110,6 +110,20 @@ def test_salun_keeping_every_weight_is_random_labels(pop, study):
     assert_same(run("salun", pop, study, hp={"gamma": 1.0}).params, run("random_labels", pop, study).params)
 
 
+def test_salun_updates_exactly_the_most_salient_fraction(pop, study):
+    mask, teacher = methods.saliency_mask(pop, {"gamma": np.array([0.5, 0.5])}), pop.params
+    flat = lambda tree: np.stack([jax.flatten_util.ravel_pytree(jax.tree.map(lambda a: a[r], tree))[0]
+                                  for r in range(pop.runs)])
+    grads = flat(jax.vmap(jax.grad(lambda p, x, y: jnp.mean(models.bce(pop.model.logits(p, x), y))))(
+        teacher, pop.inputs["trained_x"], pop.inputs["trained_y"]))
+    assert (grads == 0).mean() > 0.5  # zero-padded pixels and dead units: a quantile threshold would keep all
+    kept = flat(mask) > 0
+    np.testing.assert_array_equal(kept.sum(axis=1), np.round(0.5 * kept.shape[1]))
+    assert all(np.abs(g)[k].min() >= np.abs(g)[~k].max() for g, k in zip(grads, kept))
+    moved = flat(run("salun", pop, study).params) != flat(teacher)
+    assert not moved[~kept].any()
+
+
 def test_bad_teacher_with_a_competent_teacher_everywhere_leaves_the_teacher(pop, study):
     """Distilling the teacher into itself: the gradient at the teacher vanishes (first order); with the
     incompetent teacher on the forget rows it does not. (Adam would turn rounding-level gradients into
