@@ -43,8 +43,8 @@ QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's fi
     "phase": {"models": {"qnn": {"schedule": schedule(30, 64, 0.005)}}},
     "unlearn": {"studies": {"qnn": {"teacher": schedule(30, 64, 0.005), "unlearn": schedule(10, 64, 0.01)}}},
     "sweep": {"kl_w": [0.0, 0.2, 0.8], "fo_w": [0.0, 0.2, 0.8], "hparam_points": 3, "lr_factors": [0.316, 1.0, 3.16]},
-    "audit": {"shadows": 8, "relearn_epochs": 5},
-    "hessian": {"seeds": [0, 123], "lanczos_steps": 40, "probes": 30,
+    "audit": {"shadows": 6, "relearn_epochs": 5},  # as many runs as a sweep line: the two share compiled programs
+    "hessian": {"samples": 50, "seeds": [0, 123], "lanczos_steps": 40, "probes": 30,
                 "models": {"qnn": {"schedule": schedule(20, 32, 0.01)}}},
 })
 
@@ -58,7 +58,7 @@ SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes
         "mlp": {"teacher": schedule(5, 50, 0.01), "unlearn": schedule(3, None, 0.001)},
         "qnn": {"arch": "depth2", "teacher": schedule(2, 50, 0.05), "unlearn": schedule(2, None, 0.01)}}},
     "sweep": {"kl_w": [0.0, 0.5], "fo_w": [0.0, 0.5], "hparam_points": 2, "lr_factors": [1.0, 3.0]},
-    "audit": {"shadows": 8, "relearn_epochs": 3},
+    "audit": {"shadows": 4, "relearn_epochs": 3},  # = a sweep line's 2 values x 2 runs
     "hessian": {"num_train": 100, "samples": 20, "alphas": [0.0, 0.3], "seeds": [0], "schedule": schedule(2, 32, 0.01),
                 "models": {"mlp": {"arch": "4-2"}, "qnn": {"arch": "depth2-cnot", "schedule": DROP}},
                 "lanczos_steps": 10, "probes": 5},

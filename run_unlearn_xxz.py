@@ -55,7 +55,7 @@ QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's fi
                             "mlp features": {"unlearn": schedule(30, None, 0.01)}}},
     "sweep": {"kl_w": [0.0, 0.3, 0.6, 0.9], "fo_w": [0.0, 0.3, 0.6, 0.9], "hparam_points": 3,
               "lr_factors": [0.316, 1.0, 3.16]},
-    "audit": {"shadows": 8, "relearn_epochs": 5},
+    "audit": {"shadows": 6, "relearn_epochs": 5},  # as many runs as a sweep line: the two share compiled programs
 })
 
 SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings
@@ -71,7 +71,7 @@ SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes
         "qnn": {"arch": "depth2", "teacher": schedule(3, 32, 0.03), "unlearn": schedule(2, None, 0.005)},
         "mlp features": DROP}},
     "sweep": {"kl_w": [0.0, 0.5], "fo_w": [0.0, 0.5], "hparam_points": 2, "lr_factors": [1.0, 3.0]},
-    "audit": {"shadows": 8, "relearn_epochs": 3},
+    "audit": {"shadows": 4, "relearn_epochs": 3},  # = a sweep line's 2 values x 2 runs
 })
 
 PRESETS = {"quick": QUICK, "paper": PAPER, "smoke": SMOKE}

@@ -61,15 +61,19 @@ def test_ulira_is_chance_when_unlearning_is_retraining(rng):
     assert np.mean(acc) == pytest.approx(0.5, abs=0.03) and np.mean(auc) == pytest.approx(0.5, abs=0.03)
 
 
+def smoke_mlp_study(method_names, **changes):
+    """The smoke preset's MNIST MLP unlearning study with only ``method_names``, and its context."""
+    settings = runner.merged(mnist_script.SMOKE, {"methods": method_names, **changes})
+    settings |= {"seed": 0, "dtype": "complex64", "dataset": "mnist", "fidelity": fidelity.CORRECTED.as_dict()}
+    ctx = runner.Context(settings, mnist_script.load)
+    return ctx, [s for s in ctx.studies() if s.model == "mlp"][0]
+
+
 def test_audit_rows_cover_every_registered_method_including_a_new_one(monkeypatch):
     """A method added to the registry is audited with no audit code change."""
     monkeypatch.setitem(methods.METHODS, "finetune_gently",
                         methods.Method(methods.retain_loss, hparams={"kl_w": 0.5}))
-    settings = runner.merged(mnist_script.SMOKE, {"methods": ["retrain", "finetune_gently", "newton"],
-                                                   "audit": {"shadows": 6, "folds": 3}})
-    settings |= {"seed": 0, "dtype": "complex64", "dataset": "mnist", "fidelity": fidelity.CORRECTED.as_dict()}
-    ctx = runner.Context(settings, mnist_script.load)
-    study = [s for s in ctx.studies() if s.model == "mlp"][0]
+    ctx, study = smoke_mlp_study(["retrain", "finetune_gently", "newton"], audit={"shadows": 6, "folds": 3})
     rows, _ = audit.audit_unit(ctx, study)
     assert [r["method"] for r in rows[::6]] == ["teacher", "retrain", "finetune_gently", "newton"]
     columns = runner.TABLES["audit"][1]
@@ -78,3 +82,18 @@ def test_audit_rows_cover_every_registered_method_including_a_new_one(monkeypatc
     teacher = [r for r in rows if r["method"] == "teacher"]
     assert all(r["relearn_epochs"] == 0 and r["grad_evals"] == 0 for r in teacher)
     assert all(r["grad_evals"] > 0 and r["unlearn_s"] >= 0 for r in rows if r["method"] != "teacher")
+
+
+def test_a_sweep_line_reuses_the_audits_compiled_programs():
+    """The presets give the audit as many shadows as a sweep line has runs (values x runs): same shapes, so the
+    sweep of a method compiles nothing the audit has not compiled already."""
+    ctx, study = smoke_mlp_study(["finetune", "retrain"])
+    cfg = ctx.settings["sweep"]
+    assert ctx.settings["audit"]["shadows"] == len(cfg["lr_factors"]) * ctx.settings["runs"]
+    audit.audit_unit(ctx, study)
+    ctx.population(study)  # the sweep's teachers: trained (and cached) by the unlearn part
+    before = models.TRACE_COUNT["fit"]
+    lines = runner.sweep_plan(ctx, study)
+    for method, sweep, param, values, fixed in lines:
+        runner._sweep(ctx, study=study, method=method, sweep=sweep, param=param, values=values, fixed=fixed)
+    assert {line[0] for line in lines} == {"finetune", "retrain"} and models.TRACE_COUNT["fit"] == before
