@@ -66,7 +66,7 @@ def smoke_mlp_study(method_names, **changes):
     settings = runner.merged(mnist_script.SMOKE, {"methods": method_names, **changes})
     settings |= {"seed": 0, "dtype": "complex64", "dataset": "mnist", "fidelity": fidelity.CORRECTED.as_dict()}
     ctx = runner.Context(settings, mnist_script.load)
-    return ctx, [s for s in ctx.studies() if s.model == "mlp"][0]
+    return ctx, next(s for s in ctx.studies() if s.model == "mlp")
 
 
 def test_audit_rows_cover_every_registered_method_including_a_new_one(monkeypatch):
