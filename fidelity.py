@@ -25,11 +25,17 @@ class Fidelity:
     hessian: str  # g: "paper" (complex QNN parameters, ratio to the mean clean trace) | "corrected"
     qnn_training: str  # h: "paper" (summed probability CE, eps 1e-8, shuffle-buffer stream) | "engine"
     mnist_selection: str  # i: "first" (first 250 of each digit) | "seeded"
+    mlp_precision: str  # j: "float32" (Keras' default floatx, whatever --dtype) | "dtype" (follows --dtype)
 
     def recipe(self, kind, stage):
         """How a model kind (``"qnn"``/``"mlp"``) trains at a stage (``"train"``/``"unlearn"``): items c and h."""
         base = TRAINING[self.qnn_training][kind][stage]
         return replace(base, kl=DIVERGENCES[self.scrub_divergence][kind]) if stage == "unlearn" else base
+
+    @property
+    def mlp_dtype(self):
+        """The MLP's real dtype, or None for the process's (``--dtype``): item j."""
+        return None if self.mlp_precision == "dtype" else self.mlp_precision
 
     def as_dict(self):
         return asdict(self)
@@ -52,8 +58,9 @@ DIVERGENCES = {
 
 PAPER = Fidelity("paper", mnist_encoding="columns", feature_noise="paper", scrub_divergence="one_sided",
                  scrub_forget_inputs="clean", xxz_unlearn_qnn="realified", teachers="shared", hessian="paper",
-                 qnn_training="paper", mnist_selection="first")
+                 qnn_training="paper", mnist_selection="first", mlp_precision="float32")
 CORRECTED = Fidelity("corrected", mnist_encoding="unit", feature_noise="haar", scrub_divergence="bernoulli",
                      scrub_forget_inputs="poisoned", xxz_unlearn_qnn="complex", teachers="per_run",
-                     hessian="corrected", qnn_training="engine", mnist_selection="seeded")
+                     hessian="corrected", qnn_training="engine", mnist_selection="seeded",
+                     mlp_precision="dtype")
 FIDELITIES = {"paper": PAPER, "corrected": CORRECTED}

@@ -220,11 +220,11 @@ from the output), damping and sigma (Newton), noise (Fisher). ``forget_lr`` mult
 PAPER_METHODS = tuple(name for name, m in METHODS.items() if m.paper)
 
 
-def hyperparameters(method, runs, **values):
+def hyperparameters(method, runs, dtype=None, **values):
     """Per-run hyper-parameter arrays of a method (a name or a ``Method``): its defaults, overridden by ``values``
-    (scalars or (R,) arrays)."""
+    (scalars or (R,) arrays), in ``dtype`` (default: the process's real dtype)."""
     table = (METHODS[method] if isinstance(method, str) else method).hparams | values
-    return {k: np.broadcast_to(np.asarray(v, models.real_dtype()), (runs,)) for k, v in table.items()}
+    return {k: np.broadcast_to(np.asarray(v, dtype or models.real_dtype()), (runs,)) for k, v in table.items()}
 
 
 # ---------------------------------------------------------------------------- rows, starts, masks, plans
@@ -286,7 +286,7 @@ def last_layers_mask(pop, hp):
     """1 on the parameters of the last k layers (MLP Dense layers, QNN circuit layers), 0 elsewhere."""
     depth = jax.vmap(pop.model.layers_from_output)(pop.params)
     k = jnp.asarray(hp["k"])
-    return jax.tree.map(lambda d: (d < k.reshape((-1,) + (1,) * (d.ndim - 1))).astype(models.real_dtype()), depth)
+    return jax.tree.map(lambda d, p: (d < k.reshape((-1,) + (1,) * (d.ndim - 1))).astype(p.dtype), depth, pop.params)
 
 
 @functools.cache
@@ -402,8 +402,9 @@ def run_method(name, pop, rng_of, *, schedule, recipe, hp=None, lr=None, every_e
     ``every_epoch``); one-shot steps act once, and their metrics stay flat after epoch 1.
     """
     method = METHODS[name] if isinstance(name, str) else name
-    hp = hyperparameters(method, pop.runs, **(hp or {}))
-    lrs = np.broadcast_to(np.asarray(schedule.lr if lr is None else lr, models.real_dtype()), (pop.runs,))
+    dtype = models.param_dtype(pop.params)  # the MLP may train in float32 under complex128 (fidelity item j)
+    hp = hyperparameters(method, pop.runs, dtype, **(hp or {}))
+    lrs = np.broadcast_to(np.asarray(schedule.lr if lr is None else lr, dtype), (pop.runs,))
     aux = pop.inputs | {"hp": hp}
     if method.step is not None:
         return _run_step(method, pop, rng_of, aux, schedule=schedule, recipe=recipe, every_epoch=every_epoch,

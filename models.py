@@ -159,10 +159,18 @@ class QNN:
 
 @dataclass(frozen=True)
 class MLP:
-    """Dense-ReLU stack and a sigmoid unit, initialised as Keras' Dense (Glorot-uniform, zero bias)."""
+    """Dense-ReLU stack and a sigmoid unit, initialised as Keras' Dense (Glorot-uniform, zero bias).
+
+    ``precision``: the real dtype of parameters and features (``None``: the process's, set by ``--dtype``).
+    """
 
     hidden: tuple = (64, 16)
     in_dim: int = datar.MNIST_DIM
+    precision: str | None = None
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.precision) if self.precision else real_dtype()
 
     @property
     def sizes(self):
@@ -173,12 +181,12 @@ class MLP:
         for layer_key, (fan_in, fan_out) in zip(jax.random.split(key, len(self.sizes) - 1),
                                                 zip(self.sizes[:-1], self.sizes[1:])):
             limit = np.sqrt(6.0 / (fan_in + fan_out))
-            w = jax.random.uniform(layer_key, (fan_in, fan_out), real_dtype(), -limit, limit)
-            params.append({"w": w, "b": jnp.zeros(fan_out, real_dtype())})
+            w = jax.random.uniform(layer_key, (fan_in, fan_out), self.dtype, -limit, limit)
+            params.append({"w": w, "b": jnp.zeros(fan_out, self.dtype)})
         return params
 
     def prepare(self, xs):
-        return jnp.asarray(datar.real_features(xs), dtype=real_dtype())
+        return jnp.asarray(datar.real_features(xs), dtype=self.dtype)
 
     def layers_from_output(self, params):
         """Each parameter's Dense layer counted from the output (0 = the sigmoid unit), shaped like ``params``."""
@@ -192,6 +200,11 @@ class MLP:
 
     def apply(self, params, xs):
         return jax.nn.sigmoid(self.logits(params, xs))
+
+
+def param_dtype(params):
+    """The (real) dtype of a model's parameters: a run's learning rate and hyper-parameters are cast to it."""
+    return jax.tree.leaves(params)[0].dtype
 
 
 def param_count(params):
@@ -382,7 +395,7 @@ def fit(trainer, params, data, plan, lr, aux, shared):
     have a leading axis, one entry after each group (epoch).
     """
     model = trainer.model
-    opt = optax.adam(jnp.asarray(lr, jax.tree.leaves(params)[0].dtype), eps=trainer.recipe.adam_eps)
+    opt = optax.adam(jnp.asarray(lr, param_dtype(params)), eps=trainer.recipe.adam_eps)
     grad_fn = jax.grad(trainer.loss, argnums=1)
 
     def step(carry, s):

@@ -39,19 +39,22 @@ class Schedule:
     lr: float
 
 
-def build_model(kind, arch, dim, complex_inputs=False):
+def build_model(kind, arch, dim, complex_inputs=False, *, mlp_precision=None):
     """A model for inputs of length ``dim``: ``("qnn", "depth6")`` -> QNN on log2(dim) qubits
-    (``"depth5-cnot"``: the CNOT-ring ansatz); ``("mlp", "64-16")`` -> MLP on real features."""
+    (``"depth5-cnot"``: the CNOT-ring ansatz); ``("mlp", "64-16")`` -> MLP on real features, in
+    ``mlp_precision`` (default: the process's)."""
     if kind == "qnn":
         depth, _, ansatz = arch.removeprefix("depth").partition("-")
         return models.QNN(int(math.log2(dim)), int(depth), ansatz or "rzz")
     if kind == "mlp":
-        return models.MLP(tuple(int(h) for h in arch.split("-")), in_dim=2 * dim if complex_inputs else dim)
+        return models.MLP(tuple(int(h) for h in arch.split("-")), in_dim=2 * dim if complex_inputs else dim,
+                          precision=mlp_precision)
     raise ValueError(f"unknown model {kind!r}; choose 'qnn' or 'mlp'")
 
 
-def model_for(ds, kind, arch):
-    return build_model(kind, arch, ds.xs.shape[1], np.iscomplexobj(ds.xs))
+def model_for(ds, kind, arch, fid):
+    """The model of a resilience unit or an unlearning study; the MLP's precision follows fidelity item j."""
+    return build_model(kind, arch, ds.xs.shape[1], np.iscomplexobj(ds.xs), mlp_precision=fid.mlp_dtype)
 
 
 def poisoned_copy(ds, poison, alpha, *, seed, run, law="haar"):
@@ -90,7 +93,7 @@ def resilience_unit(ds, kind, arch, poison, alphas, *, runs, schedule, seed, fid
 
     Rows: train accuracy on the poisoned set as trained, validation accuracy on the clean set.
     """
-    model = model_for(ds, kind, arch)
+    model = model_for(ds, kind, arch, fid)
     cells = [(alpha, run) for alpha in alphas for run in range(runs)]
     sets = [poisoned_copy(ds, poison, alpha, seed=seed, run=run, law=fid.feature_noise)[:2] for alpha, run in cells]
     draws = [("phase", ds.name, ds.gauge, kind, arch, poison, alpha, run) for alpha, run in cells]
@@ -150,7 +153,7 @@ def train_teachers(ds, study, *, runs, seed, fid, shared_teacher):
     ``shared_teacher``: one teacher, on run 0's poison draw, for every run (the authors' studies: runs then differ
     only in their unlearning draws); otherwise each run has its own poison draw and teacher.
     """
-    model = model_for(ds, study.model, study.arch)
+    model = model_for(ds, study.model, study.arch, fid)
     count = 1 if shared_teacher else runs
     copies = [poisoned_copy(ds, study.poison, study.alpha, seed=seed, run=r, law=fid.feature_noise)
               for r in range(count)]

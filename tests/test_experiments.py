@@ -78,6 +78,21 @@ def test_scrub_forget_inputs_follow_fidelity_item_d(tiny, study):
     assert not np.array_equal(clean["forget_x"], clean["trained_x"])
 
 
+@pytest.mark.parametrize("fid, dtype", [(fidelity.PAPER, np.float32), (fidelity.CORRECTED, np.float64)],
+                         ids=["paper", "corrected"])
+def test_mlp_precision_follows_fidelity_item_j(tiny, study, precision, fid, dtype):
+    """Under --dtype complex128 the authors' Keras MLP still trains in float32 (Keras' default floatx); ours follows
+    --dtype. Every kind of method (losses, masks, one-shot steps) keeps the teacher's precision."""
+    precision("complex128")
+    short = dataclasses.replace(study, teacher=pu.Schedule(2, 16, 0.02))
+    teachers = pu.train_teachers(tiny, short, runs=2, seed=0, fid=fid, shared_teacher=False)
+    assert teachers.inputs["retain_x"].dtype == dtype and models.param_dtype(teachers.params) == dtype
+    for name in ("scrub", "eu_k", "salun", "newton", "fisher"):
+        params = run(name, teachers, short, every_epoch=False).params
+        assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype(dtype)}, name
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)), name
+
+
 def test_epoch_zero_is_the_teacher_except_for_fresh_starts(pop, study):
     model = pop.model
     want = jax.vmap(lambda p, x, y: models.accuracy(model, p, x, y))(pop.params, pop.inputs["forget_x"],
