@@ -25,7 +25,7 @@ class Fidelity:
     hessian: str  # g: "paper" (complex QNN parameters, ratio to the mean clean trace) | "corrected"
     qnn_training: str  # h: "paper" (summed probability CE, eps 1e-8, shuffle-buffer stream) | "engine"
     mnist_selection: str  # i: "first" (first 250 of each digit) | "seeded"
-    mlp_precision: str  # j: "float32" (Keras' default floatx, whatever --dtype) | "dtype" (follows --dtype)
+    mlp_precision: str = "dtype"  # j: "float32" (Keras' floatx, whatever --dtype) | "dtype" (results before j)
 
     def recipe(self, kind, stage):
         """How a model kind (``"qnn"``/``"mlp"``) trains at a stage (``"train"``/``"unlearn"``): items c and h."""

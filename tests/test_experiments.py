@@ -93,6 +93,12 @@ def test_mlp_precision_follows_fidelity_item_j(tiny, study, precision, fid, dtyp
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)), name
 
 
+def test_results_written_before_item_j_read_as_dtype_precision():
+    """A config.json from before item j has no ``mlp_precision``: its MLPs followed --dtype, and still read so."""
+    old = {k: v for k, v in fidelity.PAPER.as_dict().items() if k != "mlp_precision"}
+    assert fidelity.Fidelity(**old).mlp_dtype is None and fidelity.PAPER.mlp_dtype == "float32"
+
+
 def test_epoch_zero_is_the_teacher_except_for_fresh_starts(pop, study):
     model = pop.model
     want = jax.vmap(lambda p, x, y: models.accuracy(model, p, x, y))(pop.params, pop.inputs["forget_x"],
