@@ -220,7 +220,7 @@ from the output), damping and sigma (Newton), noise (Fisher). ``forget_lr`` mult
 PAPER_METHODS = tuple(name for name, m in METHODS.items() if m.paper)
 
 
-def hyperparameters(method, runs, dtype=None, **values):
+def hyperparameters(method, runs, *, dtype=None, **values):
     """Per-run hyper-parameter arrays of a method (a name or a ``Method``): its defaults, overridden by ``values``
     (scalars or (R,) arrays), in ``dtype`` (default: the process's real dtype)."""
     table = (METHODS[method] if isinstance(method, str) else method).hparams | values
@@ -403,7 +403,7 @@ def run_method(name, pop, rng_of, *, schedule, recipe, hp=None, lr=None, every_e
     """
     method = METHODS[name] if isinstance(name, str) else name
     dtype = models.param_dtype(pop.params)  # the MLP may train in float32 under complex128 (fidelity item j)
-    hp = hyperparameters(method, pop.runs, dtype, **(hp or {}))
+    hp = hyperparameters(method, pop.runs, dtype=dtype, **(hp or {}))
     lrs = np.broadcast_to(np.asarray(schedule.lr if lr is None else lr, dtype), (pop.runs,))
     aux = pop.inputs | {"hp": hp}
     if method.step is not None:
