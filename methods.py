@@ -3,9 +3,9 @@
 A method is a loss over a minibatch stream run by the engine of ``models.py`` (or a one-shot step), plus a few
 declarative choices: where it starts (the teacher, a fresh initialisation, or the teacher with its last layers
 re-initialised), which rows its minibatches come from (the retain set, or retain and forget rows labelled one way
-or another) and in which order, an optional 0/1 mask multiplied into its updates, and its hyper-parameters (traced
-per-run values, so a sweep over any of them compiles once). Every part of a study (unlearn, sweep, audit) reads
-``METHODS``: a method added here appears everywhere without further code.
+or another) and in which order, a 0/1 mask multiplied into its updates (default all ones), and its hyper-parameters
+(traced per-run values, so a sweep over any of them compiles once). Every part of a study (unlearn, sweep, audit)
+reads ``METHODS``: a method added here appears everywhere without further code.
 
 Conventions: a *population* is R runs of one study (``Population``): teachers with a leading run axis and each
 run's retain and forget arrays. ``trained_x, trained_y`` is the forget set as the teacher saw it (poisoned);
@@ -57,7 +57,7 @@ class Method:
     start: str = "teacher"
     rows: str = "retain"
     plan: str = "epochs"
-    mask: str | None = None
+    mask: str = "all"
     hparams: dict = field(default_factory=dict)
     key: str | None = None
     grid: tuple = ()
@@ -308,7 +308,13 @@ def saliency_mask(pop, hp):
                                         jnp.asarray(hp["gamma"]))
 
 
-MASKS = {"last_layers": last_layers_mask, "saliency": saliency_mask}
+def all_parameters_mask(pop, hp):
+    """1 everywhere: every method's updates go through a mask, so a method with one (EU-k, CF-k, SalUn) and one
+    without share a compiled program (multiplying by 1 changes no bit)."""
+    return jax.tree.map(jnp.ones_like, pop.params)
+
+
+MASKS = {"all": all_parameters_mask, "last_layers": last_layers_mask, "saliency": saliency_mask}
 
 
 def minmax_plan(rng, n_retain, n_forget, batch_size, epochs, msteps, forget_lr):
@@ -412,13 +418,11 @@ def run_method(name, pop, rng_of, *, schedule, recipe, hp=None, lr=None, every_e
     rows = ROWS[method.rows](pop, rng_of)
     n_rows = rows["y"].shape[1]
     batch = schedule.batch or n_rows
-    if method.mask:
-        aux["update_mask"] = MASKS[method.mask](pop, hp)
-    start = STARTS[method.start](pop, rng_of, aux.get("update_mask"))
+    aux["update_mask"] = MASKS[method.mask](pop, hp)
+    start = STARTS[method.start](pop, rng_of, aux["update_mask"])
     plan = method_plans(method, pop, rng_of, hp, recipe=recipe, n_rows=n_rows, batch_size=batch,
                         epochs=schedule.epochs)
-    trainer = models.Trainer(pop.model, method.loss, unlearn_metrics, batch, recipe, every_epoch,
-                             masked=method.mask is not None)
+    trainer = models.Trainer(pop.model, method.loss, unlearn_metrics, batch, recipe, every_epoch, masked=True)
     out = models.train_runs(trainer, start, rows, plan, lrs, aux=aux, shared=pop.shared, chunk=chunk)
     samples = plan["mask"].sum(axis=(1, 2, 3))
     n_forget = pop.inputs["trained_y"].shape[1]
