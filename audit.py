@@ -37,7 +37,6 @@ import methods
 import models
 import poison_unlearn as pu
 
-RELEARN = methods.Method(models.ce_loss, rows="joined")
 RELEARN_LEVEL = 0.95  # relearned once the forget set's poisoned-label accuracy reaches this share of the teacher's
 
 
@@ -110,13 +109,23 @@ def bernoulli_kl_np(p_logits, q_logits):
     return np.asarray(models.bernoulli_kl(jnp.asarray(p_logits), jnp.asarray(q_logits)))
 
 
-def relearn_epochs(pop, params, teacher_level, *, study, recipe, rng_of, cap):
-    """Epochs of training on the poisoned set, from ``params``, until the forget set's poisoned-label accuracy
-    reaches ``RELEARN_LEVEL`` of ``teacher_level``; returns (epochs, capped) per run."""
-    start = dataclasses.replace(pop, params=params)
-    schedule = pu.Schedule(cap, study.teacher.batch, study.teacher.lr)
-    outcome = methods.run_method(RELEARN, start, rng_of, schedule=schedule, recipe=recipe)
-    back = outcome.metrics["forget_poison_acc"] >= RELEARN_LEVEL * teacher_level[:, None] - 1e-9
+def forget_poison_accuracy(model, params, data, aux, shared):
+    """The only metric relearning needs, after every epoch: the forget set's accuracy on its poisoned labels."""
+    (correct,), _ = models.evaluate_sets(model, params, [aux["trained_x"]], [aux["trained_y"]])
+    return {"forget_poison_acc": jnp.mean(correct)}
+
+
+def relearn_epochs(pop, params, start_level, teacher_level, *, study, recipe, rng_of, cap):
+    """Epochs of training on the poisoned set (retain and forget rows as trained, the teacher's batch and rate),
+    from ``params`` (whose poisoned-label accuracy is ``start_level``), until the forget set's poisoned-label
+    accuracy reaches ``RELEARN_LEVEL`` of ``teacher_level``; returns (epochs, capped) per run."""
+    rows = methods.ROWS["joined"](pop, rng_of)
+    batch = study.teacher.batch or rows["y"].shape[1]
+    plan = models.stack_plans([recipe.plan(rng_of(d, "plan"), rows["y"].shape[1], batch, cap) for d in pop.draws])
+    trainer = models.Trainer(pop.model, models.ce_loss, forget_poison_accuracy, batch, recipe, every_epoch=True)
+    out = models.train_runs(trainer, params, rows, plan, study.teacher.lr, aux=pop.inputs, shared=pop.shared)
+    curve = np.concatenate([start_level[:, None], out.metrics["forget_poison_acc"]], axis=1)
+    back = curve >= RELEARN_LEVEL * teacher_level[:, None] - 1e-9
     reached = back.any(axis=1)
     return np.where(reached, back.argmax(axis=1), cap), ~reached
 
@@ -166,8 +175,8 @@ def audit_unit(ctx, study):
         if outcome is None:
             epochs, capped = np.zeros(pop.runs, int), np.zeros(pop.runs, bool)
         else:
-            epochs, capped = relearn_epochs(pop, outcome.params, teacher["fpa"], study=study, recipe=recipe,
-                                            rng_of=rng_of, cap=cfg["relearn_epochs"])
+            epochs, capped = relearn_epochs(pop, outcome.params, state["fpa"], teacher["fpa"], study=study,
+                                            recipe=recipe, rng_of=rng_of, cap=cfg["relearn_epochs"])
         for k, draw in enumerate(pop.draws):
             forget_loss = np.asarray(_bce(jnp.asarray(state["forget"][k]), x["trained_y"][k]))
             val_loss = np.asarray(_bce(jnp.asarray(state["val"][k][val_idx[k]]), jnp.asarray(y_val[val_idx[k]])))
