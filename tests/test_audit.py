@@ -1,5 +1,7 @@
 """The unlearning audit: attacks against known answers, and complete rows for every registered method."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.stats import norm
@@ -97,3 +99,30 @@ def test_a_sweep_line_reuses_the_audits_compiled_programs():
     for method, sweep, param, values, fixed in lines:
         runner._sweep(ctx, study=study, method=method, sweep=sweep, param=param, values=values, fixed=fixed)
     assert {line[0] for line in lines} == {"finetune", "retrain"} and models.TRACE_COUNT["fit"] == before
+
+
+def test_relearning_counts_epochs_until_training_on_the_poison_restores_the_teachers_memory():
+    """From a retrained model (flips forgotten) relearning takes epochs, from the teacher none; and the count is
+    where the curve of plain training on the poisoned set (every metric evaluated) first reaches 95% of the
+    teacher's poisoned-label accuracy."""
+    ctx, study = smoke_mlp_study(["retrain"], unlearn={"studies": {"mlp": {"teacher": runner.schedule(30, 10, 0.03)}}})
+    pop = ctx.population(study, runs=4, shared_teacher=False)
+    recipe, rng_of, cap = ctx.fid.recipe("mlp", "unlearn"), pu.draw_rng(0), 20
+    level = methods.evaluate(pop, pop.params)[0]["forget_poison_acc"]
+    retrained = methods.run_method("retrain", pop, rng_of, schedule=study.unlearn, recipe=recipe).params
+    start = methods.evaluate(pop, retrained)[0]["forget_poison_acc"]
+
+    def relearn(params, start_level):
+        return audit.relearn_epochs(pop, params, start_level, level, study=study, recipe=recipe, rng_of=rng_of,
+                                    cap=cap)
+
+    epochs, capped = relearn(retrained, start)
+    poisoned_training = methods.run_method(methods.Method(models.ce_loss, rows="joined"),
+                                           dataclasses.replace(pop, params=retrained), rng_of,
+                                           schedule=pu.Schedule(cap, study.teacher.batch, study.teacher.lr),
+                                           recipe=recipe)
+    back = poisoned_training.metrics["forget_poison_acc"] >= audit.RELEARN_LEVEL * level[:, None] - 1e-9
+    np.testing.assert_array_equal(epochs, np.where(back.any(axis=1), back.argmax(axis=1), cap))
+    np.testing.assert_array_equal(capped, ~back.any(axis=1))
+    assert np.all(start < audit.RELEARN_LEVEL * level) and np.all(epochs > 0)
+    np.testing.assert_array_equal(relearn(pop.params, level)[0], 0)
