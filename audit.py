@@ -120,8 +120,9 @@ def relearn_epochs(pop, params, start_level, teacher_level, *, study, recipe, rn
     from ``params`` (whose poisoned-label accuracy is ``start_level``), until the forget set's poisoned-label
     accuracy reaches ``RELEARN_LEVEL`` of ``teacher_level``; returns (epochs, capped) per run."""
     rows = methods.ROWS["joined"](pop, rng_of)
-    batch = study.teacher.batch or rows["y"].shape[1]
-    plan = models.stack_plans([recipe.plan(rng_of(d, "plan"), rows["y"].shape[1], batch, cap) for d in pop.draws])
+    n_rows = rows["y"].shape[1]
+    batch = study.teacher.batch or n_rows
+    plan = models.stack_plans([recipe.plan(rng_of(d, "plan"), n_rows, batch, cap) for d in pop.draws])
     trainer = models.Trainer(pop.model, models.ce_loss, forget_poison_accuracy, batch, recipe, every_epoch=True)
     out = models.train_runs(trainer, params, rows, plan, study.teacher.lr, aux=pop.inputs, shared=pop.shared)
     curve = np.concatenate([start_level[:, None], out.metrics["forget_poison_acc"]], axis=1)

@@ -342,7 +342,7 @@ def method_plans(method, pop, rng_of, hp, *, recipe, n_rows, batch_size, epochs)
                                      int(hp["msteps"][r]), float(hp["forget_lr"][r])))
         else:
             plans.append(recipe.plan(rng, n_rows, batch_size, epochs))
-    return jax.tree.map(lambda *a: np.stack(a), *plans)
+    return models.stack_plans(plans)
 
 
 # ------------------------------------------------------------------------------------------ metrics
