@@ -197,8 +197,10 @@ def logistic_population(rng, n=600, n_forget=12):
               "forget_x": x[:n_forget], "forget_y": y[:n_forget], "trained_x": x[:n_forget],
               "trained_y": y[:n_forget], "trained_t": model.logits(teacher, x[:n_forget]),
               "kl_x": x[:n_forget], "kl_t": model.logits(teacher, x[:n_forget]), "forget_idx": jnp.arange(n_forget)}
-    batch = lambda tree: jax.tree.map(lambda a: a[None], tree)
-    pop = methods.Population(model, batch(teacher), batch(inputs), {"x_val": x, "y_val": y}, [("logistic",)])
+    def one_run(tree):
+        return jax.tree.map(lambda a: a[None], tree)
+
+    pop = methods.Population(model, one_run(teacher), one_run(inputs), {"x_val": x, "y_val": y}, [("logistic",)])
     return pop, teacher, retained
 
 
@@ -221,7 +223,9 @@ def test_newton_update_on_a_logistic_regression_is_the_damped_newton_step(featur
     rng = np.random.default_rng(features)
     x, w = jnp.asarray(rng.normal(size=(400, features))), jnp.asarray(rng.normal(size=features) / features)
     y = jnp.asarray((rng.random(400) < 0.5).astype(np.int32))
-    loss = lambda w: jnp.mean(models.bce(x @ w, y))
+    def loss(w):
+        return jnp.mean(models.bce(x @ w, y))
+
     expected = w - np.linalg.solve(jax.hessian(loss)(w) + 0.1 * np.eye(features), jax.grad(loss)(w))
     np.testing.assert_allclose(methods.newton_update(lambda w: x @ w, models.bce, y, w, 0.1), expected, atol=1e-8)
 
@@ -245,7 +249,9 @@ def test_gauss_newton_matrix_of_a_relu_net_is_jacobian_weighted_and_positive(pre
     model = models.MLP((4, 2), in_dim=5)
     flat, unravel = jax.flatten_util.ravel_pytree(model.init(jax.random.PRNGKey(1)))
     x, y = jnp.asarray(rng.normal(size=(50, 5))), jnp.asarray(rng.integers(0, 2, 50))
-    logits_of = lambda w: model.logits(unravel(w), x)
+    def logits_of(w):
+        return model.logits(unravel(w), x)
+
     grad, product = methods.gauss_newton(logits_of, models.bce, y, flat)
     matrix = np.asarray(jax.vmap(product)(jnp.eye(flat.size)))
     jac, p = np.asarray(jax.jacfwd(logits_of)(flat)), np.asarray(jax.nn.sigmoid(logits_of(flat)))
