@@ -22,6 +22,7 @@ A "teacher" row (no unlearning) and the "retrain" method give the two ends of ev
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -123,8 +124,9 @@ def relearn_epochs(pop, params, start_level, teacher_level, *, study, recipe, rn
     n_rows = rows["y"].shape[1]
     batch = study.teacher.batch or n_rows
     plan = models.stack_plans([recipe.plan(rng_of(d, "plan"), n_rows, batch, cap) for d in pop.draws])
-    trainer = models.Trainer(pop.model, models.ce_loss, forget_poison_accuracy, batch, recipe, every_epoch=True)
-    out = models.train_runs(trainer, params, rows, plan, study.teacher.lr, aux=pop.inputs, shared=pop.shared)
+    trainer = models.Trainer(pop.model, models.ce_loss, forget_poison_accuracy, batch, recipe)
+    out = models.train_runs(trainer, params, rows, plan, study.teacher.lr, aux=pop.inputs, shared=pop.shared,
+                            every_epoch=True)
     curve = np.concatenate([start_level[:, None], out.metrics["forget_poison_acc"]], axis=1)
     back = curve >= RELEARN_LEVEL * teacher_level[:, None] - 1e-9
     reached = back.any(axis=1)
@@ -145,10 +147,10 @@ def audit_unit(ctx, study):
     x = pop.inputs
     model = pop.model
     oracle_pop = dataclasses.replace(pop, draws=[("oracle", *d) for d in pop.draws])
-    oracle = methods.run_method("retrain", oracle_pop, rng_of, schedule=study.unlearn, recipe=recipe,
-                                every_epoch=False)
-    outcomes = {name: methods.run_method(name, pop, rng_of, schedule=study.unlearn, recipe=recipe, every_epoch=False)
-                for name in ctx.settings["methods"]}
+    run = functools.partial(methods.run_method, rng_of=rng_of, schedule=study.unlearn, recipe=recipe,
+                            every_epoch=False, chunk=ctx.chunk)
+    oracle = run("retrain", oracle_pop)
+    outcomes = {name: run(name, pop) for name in ctx.settings["methods"]}
 
     n_examples = len(ds.ys)
     member = np.zeros((pop.runs, n_examples), bool)

@@ -422,8 +422,9 @@ def run_method(name, pop, rng_of, *, schedule, recipe, hp=None, lr=None, every_e
     start = STARTS[method.start](pop, rng_of, aux["update_mask"])
     plan = method_plans(method, pop, rng_of, hp, recipe=recipe, n_rows=n_rows, batch_size=batch,
                         epochs=schedule.epochs)
-    trainer = models.Trainer(pop.model, method.loss, unlearn_metrics, batch, recipe, every_epoch, masked=True)
-    out = models.train_runs(trainer, start, rows, plan, lrs, aux=aux, shared=pop.shared, chunk=chunk)
+    trainer = models.Trainer(pop.model, method.loss, unlearn_metrics, batch, recipe, masked=True)
+    out = models.train_runs(trainer, start, rows, plan, lrs, aux=aux, shared=pop.shared, every_epoch=every_epoch,
+                            chunk=chunk)
     samples = plan["mask"].sum(axis=(1, 2, 3))
     n_forget = pop.inputs["trained_y"].shape[1]
     extra = (method.whole_forget * n_forget * plan["mask"].any(axis=3).sum(axis=(1, 2))

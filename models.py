@@ -372,10 +372,9 @@ class Trainer:
     """What fixes a compiled training program: model, recipe, loss, metrics, minibatch size.
 
     ``loss(trainer, params, batch, mask, aux)`` sees a minibatch of the per-sample arrays in ``data``;
-    ``metrics(model, params, data, aux, shared)`` returns a dict of scalars, recorded after the last group of
-    the plan, or after every group (epoch) with ``every_epoch``. With ``masked``, updates
-    are multiplied by ``aux['update_mask']`` (a 0/1 pytree like the parameters). Hashable: one compilation
-    per trainer and shape.
+    ``metrics(model, params, data, aux, shared)`` returns a dict of scalars (see :func:`fit` for when). With
+    ``masked``, updates are multiplied by ``aux['update_mask']`` (a 0/1 pytree like the parameters). Hashable:
+    one compilation per trainer and shape.
     """
 
     model: object
@@ -383,16 +382,16 @@ class Trainer:
     metrics: object = fit_metrics
     batch_size: int = 32
     recipe: Recipe = ENGINE
-    every_epoch: bool = False
     masked: bool = False
 
 
-def fit(trainer, params, data, plan, lr, aux, shared):
+def fit(trainer, params, data, plan, lr, aux, shared, record):
     """Adam on ``trainer.loss`` along a minibatch ``plan``; loops run inside the compiled program.
 
     A step whose minibatch holds no real sample changes nothing (parameters and optimiser state), so plans
-    of one shape can carry optional steps. Returns ``(params, metrics)``; with ``every_epoch`` metrics
-    have a leading axis, one entry after each group (epoch).
+    of one shape can carry optional steps. Returns ``(params, metrics)``, metrics with a leading axis of one
+    entry per group (epoch): evaluated after the groups where ``record`` (a traced boolean per group, the same
+    for every run) is true, zeros elsewhere. Recording every epoch or only the last is thus one program.
     """
     model = trainer.model
     opt = optax.adam(jnp.asarray(lr, param_dtype(params)), eps=trainer.recipe.adam_eps)
@@ -412,12 +411,16 @@ def fit(trainer, params, data, plan, lr, aux, shared):
     def evaluate(params):
         return trainer.metrics(model, params, data, aux, shared)
 
-    def group(carry, steps):
-        carry, _ = jax.lax.scan(step, carry, steps)
-        return carry, (evaluate(carry[0]) if trainer.every_epoch else None)
+    def skip(params):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(evaluate, params))
 
-    (params, _), history = jax.lax.scan(group, (params, opt.init(params)), plan)
-    return params, (history if trainer.every_epoch else evaluate(params))
+    def group(carry, xs):
+        steps, keep = xs
+        carry, _ = jax.lax.scan(step, carry, steps)
+        return carry, jax.lax.cond(keep, evaluate, skip, carry[0])  # a real branch: ``keep`` is not per run
+
+    (params, _), history = jax.lax.scan(group, (params, opt.init(params)), (plan, record))
+    return params, history
 
 
 TRACE_COUNT = {"fit": 0}  # incremented each time JAX traces the runs function (tests count compilations)
@@ -425,11 +428,13 @@ TRACE_COUNT = {"fit": 0}  # incremented each time JAX traces the runs function (
 
 @functools.cache
 def compiled_runs(trainer):
-    """``fit`` vmapped over independent runs (params, data, plan, lr, aux) and jitted, once per trainer."""
+    """``fit`` vmapped over independent runs (params, data, plan, lr, aux) and jitted, once per trainer; the
+    common argument is ``(shared, record)``."""
 
-    def runs(params, data, plan, lrs, aux, shared):
+    def runs(params, data, plan, lrs, aux, common):
         TRACE_COUNT["fit"] += 1
-        return jax.vmap(functools.partial(fit, trainer), in_axes=(0, 0, 0, 0, 0, None))(
+        shared, record = common
+        return jax.vmap(functools.partial(fit, trainer, record=record), in_axes=(0, 0, 0, 0, 0, None))(
             params, data, plan, lrs, aux, shared)
 
     return jax.jit(runs)
@@ -516,17 +521,21 @@ def map_runs(key, program, per_run, common=None, *, chunk=None):
     return jax.tree.map(lambda *parts: np.concatenate(parts), *out), compile_s, run_s
 
 
-def train_runs(trainer, params, data, plan, lr, *, aux=None, shared=None, chunk=None):
+def train_runs(trainer, params, data, plan, lr, *, aux=None, shared=None, every_epoch=False, chunk=None):
     """Train R independent runs at once; every per-run argument has a leading axis of length R.
 
     ``plan`` holds each run's minibatches (:func:`epoch_plan`, :func:`stream_plan`); ``lr`` is a scalar or an
     (R,) array; ``shared`` (validation data) is the same for all runs. See :func:`map_runs` for ``chunk``.
-    With ``every_epoch`` the metrics have an epoch axis, one entry after each epoch.
+    Metrics are those after the last epoch, or with ``every_epoch`` an epoch axis of one entry after each epoch
+    (the same compiled program: see :func:`fit`).
     """
     lrs = np.broadcast_to(np.asarray(lr, real_dtype()), (len(plan["idx"]),))
+    epochs = plan["idx"].shape[1]
+    record = np.arange(epochs) >= (0 if every_epoch else epochs - 1)
     per_run = (params, data, plan, lrs, {} if aux is None else aux)
-    (params, metrics), compile_s, run_s = map_runs(trainer, compiled_runs(trainer), per_run,
-                                                   {} if shared is None else shared, chunk=chunk)
+    (params, history), compile_s, run_s = map_runs(trainer, compiled_runs(trainer), per_run,
+                                                   ({} if shared is None else shared, record), chunk=chunk)
+    metrics = history if every_epoch else jax.tree.map(lambda a: a[:, -1], history)
     return Trained(params, metrics, compile_s, run_s)
 
 

@@ -71,7 +71,8 @@ def as_float(value):
     return round(float(value), 6)
 
 
-def train_cells(model, sets, schedule, *, recipe, seed, draws, shared, aux=None, metrics=models.fit_metrics):
+def train_cells(model, sets, schedule, *, recipe, seed, draws, shared, aux=None, metrics=models.fit_metrics,
+                chunk=None):
     """Train one model on several training sets ("cells", one run each) as one computation.
 
     The resilience sweeps, the teachers and the Hessian study all train this way. ``sets``: ``(xs, ys)`` per
@@ -84,7 +85,7 @@ def train_cells(model, sets, schedule, *, recipe, seed, draws, shared, aux=None,
     plan = models.stack_plans([recipe.plan(models.unit_rng(seed, "order", *d), n, batch, schedule.epochs)
                                for d in draws])
     trainer = models.Trainer(model, metrics=metrics, batch_size=batch, recipe=recipe)
-    return models.train_runs(trainer, params0, data, plan, schedule.lr, aux=aux, shared=shared)
+    return models.train_runs(trainer, params0, data, plan, schedule.lr, aux=aux, shared=shared, chunk=chunk)
 
 
 # ---------------------------------------------------------------------------------- resilience
@@ -147,7 +148,7 @@ def unlearning_inputs(model, ds, copies, teachers, fid):
     return inputs
 
 
-def train_teachers(ds, study, *, runs, seed, fid, shared_teacher):
+def train_teachers(ds, study, *, runs, seed, fid, shared_teacher, chunk=None):
     """The poisoned teachers of R runs and each run's retain and forget arrays, as a ``methods.Population``.
 
     ``shared_teacher``: one teacher, on run 0's poison draw, for every run (the authors' studies: runs then differ
@@ -160,7 +161,7 @@ def train_teachers(ds, study, *, runs, seed, fid, shared_teacher):
     draws = [("teacher", ds.name, ds.gauge, *study.identity, r) for r in range(count)]
     shared = shared_validation(model, ds)
     out = train_cells(model, [c[:2] for c in copies], study.teacher, recipe=fid.recipe(study.model, "train"),
-                      seed=seed, draws=draws, shared=shared)
+                      seed=seed, draws=draws, shared=shared, chunk=chunk)
     pick = np.zeros(runs, int) if shared_teacher else np.arange(runs)
     inputs = unlearning_inputs(model, ds, copies, out.params, fid)
     return methods.Population(model, models.take_runs(out.params, pick), models.take_runs(inputs, pick), shared,
@@ -172,15 +173,15 @@ def draw_rng(seed):
     return lambda draw, purpose: models.unit_rng(seed, *draw, purpose)
 
 
-def unlearn_unit(ds, study, pop, *, method_names, seed, fid):
+def unlearn_unit(ds, study, pop, *, method_names, seed, fid, chunk=None):
     """Every method on a population; returns unlearn.csv rows and the outcome of each method.
 
     ``oracle_agree`` is the fraction of validation predictions equal to those of the retrained model of the same
     run at the same epoch (needs retrain among the methods).
     """
     recipe = fid.recipe(study.model, "unlearn")
-    outcomes = {name: methods.run_method(name, pop, draw_rng(seed), schedule=study.unlearn, recipe=recipe)
-                for name in method_names}
+    outcomes = {name: methods.run_method(name, pop, draw_rng(seed), schedule=study.unlearn, recipe=recipe,
+                                         chunk=chunk) for name in method_names}
     oracle = outcomes.get("retrain")
     rows = []
     for name, outcome in outcomes.items():
@@ -194,7 +195,7 @@ def unlearn_unit(ds, study, pop, *, method_names, seed, fid):
     return rows, outcomes
 
 
-def sweep_unit(ds, study, pop, method, *, sweep, param, values, seed, fid, fixed=None):
+def sweep_unit(ds, study, pop, method, *, sweep, param, values, seed, fid, fixed=None, chunk=None):
     """Final metrics of ``method`` over ``values`` of one hyper-parameter (or ``param="lr"``, the learning
     rate), R runs each, as one computation (the values are traced: one compilation). ``fixed`` sets others."""
     cells = [(value, run) for value in values for run in range(pop.runs)]
@@ -203,7 +204,7 @@ def sweep_unit(ds, study, pop, method, *, sweep, param, values, seed, fid, fixed
     lrs = column if param == "lr" else np.full(len(cells), study.unlearn.lr)
     outcome = methods.run_method(method, pop.take(np.array([run for _, run in cells])), draw_rng(seed),
                                  schedule=study.unlearn, recipe=fid.recipe(study.model, "unlearn"), hp=hp, lr=lrs,
-                                 every_epoch=False)
+                                 every_epoch=False, chunk=chunk)
     table = methods.hyperparameters(method, len(cells), **hp)
     return [study.row(ds) | {"method": method, "sweep": sweep, "param": param, "value": value,
                              **{w: as_float(table[w][i]) if w in table else float("nan") for w in ("kl_w", "fo_w")},

@@ -32,6 +32,7 @@ PAPER = {  # the authors' src/run_unlearn_mnist.py and plot_hessian.ipynb
                 "teacher": schedule(100, 256, 0.005), "unlearn": schedule(50, 256, 0.005)}}},
     "sweep": {"kl_w": ALPHAS, "fo_w": ALPHAS, "hparam_points": 10, "lr_factors": [0.1, 0.316, 1.0, 3.16, 10.0]},
     "audit": {"shadows": 128, "folds": 4, "relearn_epochs": 50},
+    "share_programs": False,  # each population of the unlearning parts as one vmapped program (accelerators)
     "hessian": {"num_train": 500, "held_out": 0.3, "samples": 100, "alphas": [0.0, 0.2, 0.3, 0.4],
                 "seeds": [0, 42, 123, 1024, 2048], "schedule": schedule(50, 32, 0.01),
                 "models": {"mlp": {"model": "mlp", "arch": "8-2"}, "qnn": {"model": "qnn", "arch": "depth5-cnot"}},
@@ -43,7 +44,8 @@ QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's fi
     "phase": {"models": {"qnn": {"schedule": schedule(30, 64, 0.005)}}},
     "unlearn": {"studies": {"qnn": {"teacher": schedule(30, 64, 0.005), "unlearn": schedule(10, 64, 0.01)}}},
     "sweep": {"kl_w": [0.0, 0.2, 0.8], "fo_w": [0.0, 0.2, 0.8], "hparam_points": 3, "lr_factors": [0.316, 1.0, 3.16]},
-    "audit": {"shadows": 6, "relearn_epochs": 5},  # as many runs as a sweep line: the two share compiled programs
+    "audit": {"shadows": 6, "relearn_epochs": 5},
+    "share_programs": True,  # unlearn, audit and sweep run --runs runs at a time: one compilation per method
     "hessian": {"samples": 50, "seeds": [0, 123], "lanczos_steps": 40, "probes": 30,
                 "models": {"qnn": {"schedule": schedule(20, 32, 0.01)}}},
 })
@@ -58,7 +60,7 @@ SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes
         "mlp": {"teacher": schedule(5, 50, 0.01), "unlearn": schedule(3, None, 0.001)},
         "qnn": {"arch": "depth2", "teacher": schedule(2, 50, 0.05), "unlearn": schedule(2, None, 0.01)}}},
     "sweep": {"kl_w": [0.0, 0.5], "fo_w": [0.0, 0.5], "hparam_points": 2, "lr_factors": [1.0, 3.0]},
-    "audit": {"shadows": 4, "relearn_epochs": 3},  # = a sweep line's 2 values x 2 runs
+    "audit": {"shadows": 4, "relearn_epochs": 3},
     "hessian": {"num_train": 100, "samples": 20, "alphas": [0.0, 0.3], "seeds": [0], "schedule": schedule(2, 32, 0.01),
                 "models": {"mlp": {"arch": "4-2"}, "qnn": {"arch": "depth2-cnot", "schedule": DROP}},
                 "lanczos_steps": 10, "probes": 5},

@@ -43,6 +43,7 @@ PAPER = {  # the authors' src/run_unlearn_xxz.py; gauge "random" = their eigenso
                          "teacher": MLP, "unlearn": schedule(50, None, 0.01)}}},
     "sweep": {"kl_w": ALPHAS, "fo_w": ALPHAS, "hparam_points": 10, "lr_factors": [0.1, 0.316, 1.0, 3.16, 10.0]},
     "audit": {"shadows": 128, "folds": 4, "relearn_epochs": 50},
+    "share_programs": False,  # each population of the unlearning parts as one vmapped program (accelerators)
 }
 
 QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's findings
@@ -58,7 +59,8 @@ QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's fi
                             "mlp features": {"unlearn": schedule(30, None, 0.01)}}},
     "sweep": {"kl_w": [0.0, 0.2, 0.8], "fo_w": [0.0, 0.2, 0.8], "hparam_points": 3,  # x 2 runs = 6 cells, as the audit
               "lr_factors": [0.316, 1.0, 3.16]},
-    "audit": {"shadows": 6, "relearn_epochs": 5},  # as many runs as a sweep line: the two share compiled programs
+    "audit": {"shadows": 6, "relearn_epochs": 5},
+    "share_programs": True,  # unlearn, audit and sweep run --runs runs at a time: one compilation per method
 })
 
 SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings
@@ -74,7 +76,7 @@ SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes
         "qnn": {"arch": "depth2", "teacher": schedule(3, 32, 0.03), "unlearn": schedule(2, None, 0.005)},
         "mlp features": DROP}},
     "sweep": {"kl_w": [0.0, 0.5], "fo_w": [0.0, 0.5], "hparam_points": 2, "lr_factors": [1.0, 3.0]},
-    "audit": {"shadows": 4, "relearn_epochs": 3},  # = a sweep line's 2 values x 2 runs
+    "audit": {"shadows": 4, "relearn_epochs": 3},
 })
 
 PRESETS = {"quick": QUICK, "paper": PAPER, "smoke": SMOKE}

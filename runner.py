@@ -242,6 +242,7 @@ class Context:
         self.study_data = study_data or (lambda ds, study, fid: ds)
         self.fid = fidelity.Fidelity(**settings["fidelity"])
         self.seed, self.runs = settings["seed"], settings["runs"]
+        self.chunk = self.runs if settings["share_programs"] else None  # runs per program of every unlearning
         self._data, self._populations = {}, {}
 
     def data(self, gauge=None):
@@ -267,7 +268,7 @@ class Context:
         key = (study, runs or self.runs, shared)
         if key not in self._populations:
             self._populations[key] = pu.train_teachers(self.study_dataset(study), study, runs=key[1], seed=self.seed,
-                                                       fid=self.fid, shared_teacher=shared)
+                                                       fid=self.fid, shared_teacher=shared, chunk=self.chunk)
         return self._populations[key]
 
 
@@ -324,7 +325,8 @@ def _unlearn(ctx, study):
     import poison_unlearn as pu
 
     rows, outcomes = pu.unlearn_unit(ctx.study_dataset(study), study, ctx.population(study),
-                                     method_names=ctx.settings["methods"], seed=ctx.seed, fid=ctx.fid)
+                                     method_names=ctx.settings["methods"], seed=ctx.seed, fid=ctx.fid,
+                                     chunk=ctx.chunk)
     final = [r for r in rows if r["epoch"] == study.unlearn.epochs]
     timings = {f"{study.model} {study.arch} {study.poison} {m}": {"run_s": round(o.run_s, 3),
                                                                    "compile_s": round(o.compile_s, 2)}
@@ -353,7 +355,7 @@ def _sweep(ctx, study, method, sweep, param, values, fixed):
     import poison_unlearn as pu
 
     rows = pu.sweep_unit(ctx.study_dataset(study), study, ctx.population(study), method, sweep=sweep, param=param,
-                         values=values, seed=ctx.seed, fid=ctx.fid, fixed=fixed)
+                         values=values, seed=ctx.seed, fid=ctx.fid, fixed=fixed, chunk=ctx.chunk)
     return Done(rows, f"val_acc by {param} " + mean_by(rows, "value", "val_acc"))
 
 
