@@ -116,7 +116,7 @@ def forget_poison_accuracy(model, params, data, aux, shared):
     return {"forget_poison_acc": jnp.mean(correct)}
 
 
-def relearn_epochs(pop, params, start_level, teacher_level, *, study, recipe, rng_of, cap):
+def relearn_epochs(pop, params, start_level, teacher_level, *, study, recipe, rng_of, cap, chunk=None):
     """Epochs of training on the poisoned set (retain and forget rows as trained, the teacher's batch and rate),
     from ``params`` (whose poisoned-label accuracy is ``start_level``), until the forget set's poisoned-label
     accuracy reaches ``RELEARN_LEVEL`` of ``teacher_level``; returns (epochs, capped) per run."""
@@ -126,7 +126,7 @@ def relearn_epochs(pop, params, start_level, teacher_level, *, study, recipe, rn
     plan = models.stack_plans([recipe.plan(rng_of(d, "plan"), n_rows, batch, cap) for d in pop.draws])
     trainer = models.Trainer(pop.model, models.ce_loss, forget_poison_accuracy, batch, recipe)
     out = models.train_runs(trainer, params, rows, plan, study.teacher.lr, aux=pop.inputs, shared=pop.shared,
-                            every_epoch=True)
+                            every_epoch=True, chunk=chunk)
     curve = np.concatenate([start_level[:, None], out.metrics["forget_poison_acc"]], axis=1)
     back = curve >= RELEARN_LEVEL * teacher_level[:, None] - 1e-9
     reached = back.any(axis=1)
@@ -179,7 +179,7 @@ def audit_unit(ctx, study):
             epochs, capped = np.zeros(pop.runs, int), np.zeros(pop.runs, bool)
         else:
             epochs, capped = relearn_epochs(pop, outcome.params, state["fpa"], teacher["fpa"], study=study,
-                                            recipe=recipe, rng_of=rng_of, cap=cfg["relearn_epochs"])
+                                            recipe=recipe, rng_of=rng_of, cap=cfg["relearn_epochs"], chunk=ctx.chunk)
         for k, draw in enumerate(pop.draws):
             forget_loss = np.asarray(_bce(jnp.asarray(state["forget"][k]), x["trained_y"][k]))
             val_loss = np.asarray(_bce(jnp.asarray(state["val"][k][val_idx[k]]), jnp.asarray(y_val[val_idx[k]])))

@@ -199,10 +199,10 @@ def split_held_out(cfg, base_seed, seed, selection):
     return xs[order[:cut]], ys[order[:cut]], xs[order[cut:]], ys[order[cut:]]
 
 
-def hessian_unit(settings, spec):
+def hessian_unit(settings, spec, *, chunk=None):
     """Train one model on every (alpha, seed) at once (complex128), then analyse each Hessian.
 
-    ``spec`` names the model and may override the study's training schedule.
+    ``spec`` names the model and may override the study's training schedule; ``chunk``: runs per program.
     Returns hessian.csv rows and the spectra (arrays by name, for ``hessian_spectra.npz``).
     """
     cfg, base = settings["hessian"], settings["seed"]
@@ -219,7 +219,7 @@ def hessian_unit(settings, spec):
     out_cells = pu.train_cells(model, [(s[0], f) for s, f in zip(splits, flipped)],
                                pu.Schedule(**spec.get("schedule", cfg["schedule"])), recipe=recipe.training[kind],
                                seed=base, draws=[("hessian", kind, seed, alpha) for alpha, seed in cells],
-                               shared={}, aux=aux, metrics=held_out_metrics)
+                               shared={}, aux=aux, metrics=held_out_metrics, chunk=chunk)
     land = Landscape(model, recipe.ce[kind], recipe.complex_qnn and kind == "qnn")
     rows, spectra = [], {}
     for i, (alpha, seed) in enumerate(cells):
@@ -248,7 +248,7 @@ def _unit(ctx, spec):
     previous = str(models.complex_dtype())
     models.set_precision("complex128")
     try:
-        rows, spectra = hessian_unit(ctx.settings, spec)
+        rows, spectra = hessian_unit(ctx.settings, spec, chunk=ctx.chunk)
     finally:
         models.set_precision(previous)
     return runner.Done(rows, "trace by alpha " + runner.mean_by(rows, "alpha", "trace"),

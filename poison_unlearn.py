@@ -89,7 +89,7 @@ def train_cells(model, sets, schedule, *, recipe, seed, draws, shared, aux=None,
 
 
 # ---------------------------------------------------------------------------------- resilience
-def resilience_unit(ds, kind, arch, poison, alphas, *, runs, schedule, seed, fid):
+def resilience_unit(ds, kind, arch, poison, alphas, *, runs, schedule, seed, fid, chunk=None):
     """Train one model on every (alpha, run) of a poison at once; return phase.csv rows.
 
     Rows: train accuracy on the poisoned set as trained, validation accuracy on the clean set.
@@ -99,7 +99,7 @@ def resilience_unit(ds, kind, arch, poison, alphas, *, runs, schedule, seed, fid
     sets = [poisoned_copy(ds, poison, alpha, seed=seed, run=run, law=fid.feature_noise)[:2] for alpha, run in cells]
     draws = [("phase", ds.name, ds.gauge, kind, arch, poison, alpha, run) for alpha, run in cells]
     out = train_cells(model, sets, schedule, recipe=fid.recipe(kind, "train"), seed=seed, draws=draws,
-                      shared=shared_validation(model, ds))
+                      shared=shared_validation(model, ds), chunk=chunk)
     return [{"dataset": ds.name, "gauge": ds.gauge, "model": kind, "arch": arch, "poison": poison,
              "alpha": alpha, "run": run, "train_acc": as_float(out.metrics["train_acc"][i]),
              "val_acc": as_float(out.metrics["val_acc"][i])} for i, (alpha, run) in enumerate(cells)]

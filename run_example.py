@@ -24,7 +24,8 @@ import plots
 import poison_unlearn as pu
 
 OUT = Path("results/example")
-SEED, RUNS = 0, 2
+SEED, RUNS = 0, 2  # the resilience sweeps run RUNS runs per compiled program, as the quick preset: so they share the
+#                   QNN's with its teachers (RUNS runs, same schedule), and a CPU runs narrow programs faster
 ALPHAS = [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
 MODELS = [("qnn", "depth6", pu.Schedule(30, 64, 0.005)), ("mlp", "64-16", pu.Schedule(100, 256, 0.005))]
 STUDIES = [pu.Study("qnn", "depth6", "label_flip", 0.3, pu.Schedule(30, 64, 0.005), pu.Schedule(10, 64, 0.01)),
@@ -45,7 +46,7 @@ def main(argv=None):
           f" {RUNS} runs)")
     phase = pd.DataFrame([row for kind, arch, schedule in MODELS
                           for row in pu.resilience_unit(ds, kind, arch, "label_flip", ALPHAS, runs=RUNS,
-                                                        schedule=schedule, seed=SEED, fid=fid)])
+                                                        schedule=schedule, seed=SEED, fid=fid, chunk=RUNS)])
     print(phase.pivot_table(index=["model", "arch"], columns="alpha", values=["train_acc", "val_acc"]).round(2)
           .to_string())
     print(f"\n2. Unlearning after training at alpha = 0.3 (final epoch, mean of {RUNS} runs)")

@@ -32,7 +32,7 @@ PAPER = {  # the authors' src/run_unlearn_mnist.py and plot_hessian.ipynb
                 "teacher": schedule(100, 256, 0.005), "unlearn": schedule(50, 256, 0.005)}}},
     "sweep": {"kl_w": ALPHAS, "fo_w": ALPHAS, "hparam_points": 10, "lr_factors": [0.1, 0.316, 1.0, 3.16, 10.0]},
     "audit": {"shadows": 128, "folds": 4, "relearn_epochs": 50},
-    "share_programs": False,  # each population of the unlearning parts as one vmapped program (accelerators)
+    "runs_per_program": "all",  # every unit's runs as one vmapped program (accelerators); see runner.CHUNKS
     "hessian": {"num_train": 500, "held_out": 0.3, "samples": 100, "alphas": [0.0, 0.2, 0.3, 0.4],
                 "seeds": [0, 42, 123, 1024, 2048], "schedule": schedule(50, 32, 0.01),
                 "models": {"mlp": {"model": "mlp", "arch": "8-2"}, "qnn": {"model": "qnn", "arch": "depth5-cnot"}},
@@ -45,7 +45,7 @@ QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's fi
     "unlearn": {"studies": {"qnn": {"teacher": schedule(30, 64, 0.005), "unlearn": schedule(10, 64, 0.01)}}},
     "sweep": {"kl_w": [0.0, 0.2, 0.8], "fo_w": [0.0, 0.2, 0.8], "hparam_points": 3, "lr_factors": [0.316, 1.0, 3.16]},
     "audit": {"shadows": 6, "relearn_epochs": 5},
-    "share_programs": True,  # unlearn, audit and sweep run --runs runs at a time: one compilation per method
+    "runs_per_program": "runs",  # --runs at a time: parts share compilations, and CPUs run narrow programs faster
     "hessian": {"samples": 50, "seeds": [0, 123], "lanczos_steps": 40, "probes": 30,
                 "models": {"qnn": {"schedule": schedule(20, 32, 0.01)}}},
 })

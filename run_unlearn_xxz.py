@@ -43,7 +43,7 @@ PAPER = {  # the authors' src/run_unlearn_xxz.py; gauge "random" = their eigenso
                          "teacher": MLP, "unlearn": schedule(50, None, 0.01)}}},
     "sweep": {"kl_w": ALPHAS, "fo_w": ALPHAS, "hparam_points": 10, "lr_factors": [0.1, 0.316, 1.0, 3.16, 10.0]},
     "audit": {"shadows": 128, "folds": 4, "relearn_epochs": 50},
-    "share_programs": False,  # each population of the unlearning parts as one vmapped program (accelerators)
+    "runs_per_program": "all",  # every unit's runs as one vmapped program (accelerators); see runner.CHUNKS
 }
 
 QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's findings
@@ -60,7 +60,7 @@ QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's fi
     "sweep": {"kl_w": [0.0, 0.2, 0.8], "fo_w": [0.0, 0.2, 0.8], "hparam_points": 3,  # x 2 runs = 6 cells, as the audit
               "lr_factors": [0.316, 1.0, 3.16]},
     "audit": {"shadows": 6, "relearn_epochs": 5},
-    "share_programs": True,  # unlearn, audit and sweep run --runs runs at a time: one compilation per method
+    "runs_per_program": "runs",  # --runs at a time: parts share compilations, and CPUs run narrow programs faster
 })
 
 SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings

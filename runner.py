@@ -45,6 +45,10 @@ TABLES = {
 }
 """part -> (file, columns, columns that identify a unit)."""
 
+CHUNKS = {"runs": lambda runs: runs, "all": lambda runs: None}
+"""``runs_per_program``: --runs runs per compiled program (quick, smoke: parts share programs, and on a CPU a
+narrow program runs faster, its statevectors in cache), or all runs of a unit at once (paper: for accelerators)."""
+
 PACKAGES = ("jax", "jaxlib", "tensorcircuit-ng", "optax", "numpy", "scipy", "scikit-learn", "pandas", "ray")
 MAX_RUNS = 1024  # --runs above this is refused: memory grows with the runs of a unit
 
@@ -242,7 +246,7 @@ class Context:
         self.study_data = study_data or (lambda ds, study, fid: ds)
         self.fid = fidelity.Fidelity(**settings["fidelity"])
         self.seed, self.runs = settings["seed"], settings["runs"]
-        self.chunk = self.runs if settings["share_programs"] else None  # runs per program of every unlearning
+        self.chunk = CHUNKS[settings["runs_per_program"]](self.runs)  # runs per compiled program, every training
         self._data, self._populations = {}, {}
 
     def data(self, gauge=None):
@@ -304,7 +308,8 @@ def _phase(ctx, spec, gauge, poison):
     import poison_unlearn as pu
 
     rows = pu.resilience_unit(ctx.data(gauge), spec["model"], spec["arch"], poison, ctx.settings["phase"]["alphas"],
-                              runs=ctx.runs, schedule=pu.Schedule(**spec["schedule"]), seed=ctx.seed, fid=ctx.fid)
+                              runs=ctx.runs, schedule=pu.Schedule(**spec["schedule"]), seed=ctx.seed, fid=ctx.fid,
+                              chunk=ctx.chunk)
     return Done(rows, "val_acc by alpha " + mean_by(rows, "alpha", "val_acc"))
 
 
