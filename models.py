@@ -433,9 +433,8 @@ def compiled_runs(trainer):
 
     def runs(params, data, plan, lrs, aux, common):
         TRACE_COUNT["fit"] += 1
-        shared, record = common
-        return jax.vmap(functools.partial(fit, trainer, record=record), in_axes=(0, 0, 0, 0, 0, None))(
-            params, data, plan, lrs, aux, shared)
+        return jax.vmap(functools.partial(fit, trainer), in_axes=(0, 0, 0, 0, 0, None, None))(
+            params, data, plan, lrs, aux, *common)
 
     return jax.jit(runs)
 

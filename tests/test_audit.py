@@ -86,16 +86,20 @@ def test_audit_rows_cover_every_registered_method_including_a_new_one(monkeypatc
     assert all(r["grad_evals"] > 0 and r["unlearn_s"] >= 0 for r in rows if r["method"] != "teacher")
 
 
-def test_the_audit_and_the_sweep_reuse_the_unlearn_parts_compiled_programs():
+@pytest.mark.parametrize("width", ["runs", "all"])
+def test_the_audit_and_the_sweep_reuse_the_unlearn_parts_compiled_programs(width):
     """With ``runs_per_program="runs"`` (quick and smoke) every population runs --runs runs at a time and every
     epoch's metrics are a traced choice, so after the unlearn part the audit (5 shadows: a padded last chunk)
-    compiles only relearning, and the sweep nothing."""
-    ctx, study = smoke_mlp_study(["finetune", "retrain"], audit={"shadows": 5, "folds": 3})
-    assert ctx.chunk == ctx.settings["runs"] == 2
+    compiles only relearning, and the sweep nothing. With ``"all"`` (paper) each population is one program."""
+    ctx, study = smoke_mlp_study(["finetune", "retrain"], audit={"shadows": 5, "folds": 3}, runs_per_program=width)
+    assert ctx.chunk == {"runs": ctx.settings["runs"], "all": None}[width]
     runner._unlearn(ctx, study=study)
     before = models.TRACE_COUNT["fit"]
     audit.audit_unit(ctx, study)
     after_audit = models.TRACE_COUNT["fit"]
+    if width == "all":  # 5 shadows: the methods' programs compiled anew (and relearning's)
+        assert after_audit >= before + 2
+        return
     assert after_audit <= before + 1  # relearning's program, unless an earlier test compiled it
     lines = runner.sweep_plan(ctx, study)
     for method, sweep, param, values, fixed in lines:
