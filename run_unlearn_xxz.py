@@ -1,6 +1,6 @@
 """XXZ spin-chain study (ground states on --qubits spins): resilience sweeps, unlearning, sweeps and the audit.
 
-    python run_unlearn_xxz.py                         # quick preset (minutes on a laptop CPU)
+    python run_unlearn_xxz.py                         # quick preset, 10 spins (minutes on a laptop CPU)
     python run_unlearn_xxz.py --preset paper          # the paper's settings, 12 spins (use a GPU)
     python run_unlearn_xxz.py --parts phase --qubits 8
 
@@ -47,14 +47,17 @@ PAPER = {  # the authors' src/run_unlearn_xxz.py; gauge "random" = their eigenso
 }
 
 QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's findings
-    "dtype": "complex64", "runs": 2,
+    # 10 spins: 4x fewer amplitudes than the paper's 12 (the QNNs on 10 and 11 qubits, the MLP on 2,048 features),
+    # the same two phases and the same findings; --qubits 12 runs these settings at the paper's size (25 min)
+    "dtype": "complex64", "runs": 2, "qubits": 10,
     "phase": {"models": {"qnn": {"schedule": schedule(60, 32, 0.03)},
                          "mlp fixed gauge": {"poisons": ["label_flip"]},
                          "mlp 32-8": DROP, "mlp 8-4": DROP, "qnn depth5": DROP, "qnn depth7": DROP,
                          "qnn depth6": {"schedule": schedule(60, 32, 0.03)}}},
     "unlearn": {"studies": {"qnn": {"teacher": schedule(60, 32, 0.03), "unlearn": schedule(15, None, 0.005)},
-                            # 800 teacher epochs: at the paper's 400 a single teacher holds 0.75-1.00 of its flips
-                            # (8 draws, mean 0.91; Keras 0.92-0.96), at 800 all of 8 hold >= 0.958 (mean 0.98)
+                            # 800 teacher epochs: at 12 spins and the paper's 400 a teacher holds 0.75-1.00 of its
+                            # flips (8 draws, mean 0.91; Keras 0.92-0.96), at 800 all of 8 hold >= 0.958 (mean 0.98);
+                            # at 10 spins and 800, 0.92-1.00 (mean 0.97)
                             "mlp": {"teacher": schedule(800, 32, 0.01), "unlearn": schedule(30, None, 0.01)},
                             "mlp features": {"unlearn": schedule(30, None, 0.01)}}},
     "sweep": {"kl_w": [0.0, 0.2, 0.8], "fo_w": [0.0, 0.2, 0.8], "hparam_points": 3,  # x 2 runs = 6 cells, as the audit
@@ -106,7 +109,7 @@ def study_data(ds, study, fid):
 
 
 QUBITS_FLAG = {"--qubits": {"type": int, "choices": QUBITS, "metavar": "L",
-                             "help": "spins of the chain, even, 4 to 16 (default: the preset's, 12)"}}
+                             "help": "spins of the chain, even, 4 to 16 (default: the preset's; quick 10, paper 12)"}}
 
 
 def qubits_setting(args):
