@@ -134,23 +134,21 @@ def relearn_epochs(pop, params, start_level, teacher_level, *, study, recipe, rn
 
 
 # ------------------------------------------------------------------------------------------- a unit
-def audit_unit(ctx, study):
-    """The audit of every method of a study over ``settings['audit']['shadows']`` shadow runs.
+def audit_unit(ds, study, pop, *, method_names, folds, relearn_cap, seed, fid, chunk=None):
+    """The audit of every method of a study on ``pop``, its shadow runs (each its own poison draw and teacher).
 
-    Returns audit.csv rows (method "teacher" first) and the wall seconds of the shadow trainings.
+    ``folds``: U-LiRA's folds of target runs; ``relearn_cap``: most relearning epochs. Returns audit.csv rows
+    (method "teacher" first) and the wall seconds of the shadow trainings.
     """
-    cfg, seed = ctx.settings["audit"], ctx.seed
-    ds = ctx.study_dataset(study)
-    pop = ctx.population(study, runs=cfg["shadows"], shared_teacher=False)
     rng_of = pu.draw_rng(seed)
-    recipe = ctx.fid.recipe(study.model, "unlearn")
+    recipe = fid.recipe(study.model, "unlearn")
     x = pop.inputs
     model = pop.model
     oracle_pop = dataclasses.replace(pop, draws=[("oracle", *d) for d in pop.draws])
     run = functools.partial(methods.run_method, rng_of=rng_of, schedule=study.unlearn, recipe=recipe,
-                            every_epoch=False, chunk=ctx.chunk)
+                            every_epoch=False, chunk=chunk)
     oracle = run("retrain", oracle_pop)
-    outcomes = {name: run(name, pop) for name in ctx.settings["methods"]}
+    outcomes = {name: run(name, pop) for name in method_names}
 
     n_examples = len(ds.ys)
     member = np.zeros((pop.runs, n_examples), bool)
@@ -174,12 +172,12 @@ def audit_unit(ctx, study):
     rows = []
     states = [("teacher", teacher, None)] + [(name, describe(o.params), o) for name, o in outcomes.items()]
     for name, state, outcome in states:
-        acc, auc = ulira(np.nan_to_num(state["phi"]), np.nan_to_num(ref["phi"]), member, folds=cfg["folds"])
+        acc, auc = ulira(np.nan_to_num(state["phi"]), np.nan_to_num(ref["phi"]), member, folds=folds)
         if outcome is None:
             epochs, capped = np.zeros(pop.runs, int), np.zeros(pop.runs, bool)
         else:
             epochs, capped = relearn_epochs(pop, outcome.params, state["fpa"], teacher["fpa"], study=study,
-                                            recipe=recipe, rng_of=rng_of, cap=cfg["relearn_epochs"], chunk=ctx.chunk)
+                                            recipe=recipe, rng_of=rng_of, cap=relearn_cap, chunk=chunk)
         for k, draw in enumerate(pop.draws):
             forget_loss = np.asarray(_bce(jnp.asarray(state["forget"][k]), x["trained_y"][k]))
             val_loss = np.asarray(_bce(jnp.asarray(state["val"][k][val_idx[k]]), jnp.asarray(y_val[val_idx[k]])))

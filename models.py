@@ -6,9 +6,11 @@ Both models are frozen dataclasses with the same interface: ``init(key) -> param
 
 The one global setting, made at import: TensorCircuit's JAX backend. Precision is process-wide, as
 TensorCircuit keeps it: ``set_precision("complex64")`` (default; float32 parameters) or
-``set_precision("complex128")`` (float64 parameters; TensorCircuit then switches JAX's 64-bit mode on).
+``set_precision("complex128")`` (float64 parameters; TensorCircuit then switches JAX's 64-bit mode on), or for
+one block ``with precision(dtype):``.
 """
 
+import contextlib
 import ctypes
 import functools
 import time
@@ -59,6 +61,17 @@ def set_precision(dtype):
     if dtype not in PRECISIONS:
         raise ValueError(f"dtype must be one of {PRECISIONS}, got {dtype!r}")
     tc.set_dtype(dtype)
+
+
+@contextlib.contextmanager
+def precision(dtype):
+    """Circuits and parameters in ``dtype`` inside the block, the process's previous precision after it."""
+    previous = str(complex_dtype())
+    set_precision(dtype)
+    try:
+        yield
+    finally:
+        set_precision(previous)
 
 
 def complex_dtype():

@@ -11,16 +11,12 @@ figures/ into --out (default results/mnist/). A rerun with the same settings res
 
 import datar
 import fidelity
-import methods
 import poison_unlearn
 import runner
-from runner import DROP, merged, schedule
-
-ALPHAS = [round(0.1 * k, 1) for k in range(10)]
-BOTH = ["label_flip", "feature_randomization"]
+from presets import ALPHAS, BOTH, DROP, PAPER_LAYER, QUICK_LAYER, SMOKE_LAYER, merged, schedule
 
 PAPER = {  # the authors' src/run_unlearn_mnist.py and plot_hessian.ipynb
-    "dtype": "complex128", "num_train": 500, "runs": 5, "gauge": "none", "methods": list(methods.METHODS),
+    **PAPER_LAYER, "num_train": 500, "gauge": "none",
     "phase": {"alphas": ALPHAS, "poisons": BOTH, "models": {
         "qnn": {"model": "qnn", "arch": "depth6", "schedule": schedule(100, 256, 0.005)},
         "mlp": {"model": "mlp", "arch": "64-16", "schedule": schedule(100, 256, 0.005)},
@@ -30,28 +26,21 @@ PAPER = {  # the authors' src/run_unlearn_mnist.py and plot_hessian.ipynb
                 "teacher": schedule(100, 128, 0.01), "unlearn": schedule(50, None, 0.001)},
         "qnn": {"model": "qnn", "arch": "depth6", "poison": "label_flip", "alpha": 0.3,
                 "teacher": schedule(100, 256, 0.005), "unlearn": schedule(50, 256, 0.005)}}},
-    "sweep": {"kl_w": ALPHAS, "fo_w": ALPHAS, "hparam_points": 10, "lr_factors": [0.1, 0.316, 1.0, 3.16, 10.0]},
-    "audit": {"shadows": 128, "folds": 4, "relearn_epochs": 50},
-    "runs_per_program": "all",  # every unit's runs as one vmapped program (accelerators); see runner.CHUNKS
     "hessian": {"num_train": 500, "held_out": 0.3, "samples": 100, "alphas": [0.0, 0.2, 0.3, 0.4],
                 "seeds": [0, 42, 123, 1024, 2048], "schedule": schedule(50, 32, 0.01),
-                "models": {"mlp": {"model": "mlp", "arch": "8-2"}, "qnn": {"model": "qnn", "arch": "depth5-cnot"}},
+                "models": {"mlp": {"model": "mlp", "arch": "8-2"},  # a model's own schedule overrides the study's
+                           "qnn": {"model": "qnn", "arch": "depth5-cnot", "schedule": schedule(50, 32, 0.01)}},
                 "lanczos_steps": 80, "probes": 100},
 }
 
-QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's findings
-    "dtype": "complex64", "runs": 2,
+QUICK = merged(PAPER, QUICK_LAYER, {  # minutes on a 2-core CPU, still showing the paper's findings
     "phase": {"models": {"qnn": {"schedule": schedule(30, 64, 0.005)}}},
     "unlearn": {"studies": {"qnn": {"teacher": schedule(30, 64, 0.005), "unlearn": schedule(10, 64, 0.01)}}},
-    "sweep": {"kl_w": [0.0, 0.2, 0.8], "fo_w": [0.0, 0.2, 0.8], "hparam_points": 3, "lr_factors": [0.316, 1.0, 3.16]},
-    "audit": {"shadows": 6, "relearn_epochs": 5},
-    "runs_per_program": "runs",  # --runs at a time: parts share compilations, and CPUs run narrow programs faster
     "hessian": {"samples": 50, "seeds": [0, 123], "lanczos_steps": 40, "probes": 30,
                 "models": {"qnn": {"schedule": schedule(20, 32, 0.01)}}},
 })
 
-SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings
-    "methods": [*methods.PAPER_METHODS, "salun", "newton"],  # every code path: masks and one-shot steps
+SMOKE = merged(QUICK, SMOKE_LAYER, {  # seconds, for CI and the notebooks' self-check: plumbing, not findings
     "num_train": 100,
     "phase": {"alphas": [0.0, 0.5], "models": {
         "qnn": {"arch": "depth2", "schedule": schedule(2, 50, 0.05)}, "mlp": DROP,
@@ -59,8 +48,6 @@ SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes
     "unlearn": {"studies": {  # unequal epochs: the notebooks' "final epoch" must be taken per study
         "mlp": {"teacher": schedule(5, 50, 0.01), "unlearn": schedule(3, None, 0.001)},
         "qnn": {"arch": "depth2", "teacher": schedule(2, 50, 0.05), "unlearn": schedule(2, None, 0.01)}}},
-    "sweep": {"kl_w": [0.0, 0.5], "fo_w": [0.0, 0.5], "hparam_points": 2, "lr_factors": [1.0, 3.0]},
-    "audit": {"shadows": 4, "relearn_epochs": 3},
     "hessian": {"num_train": 100, "samples": 20, "alphas": [0.0, 0.3], "seeds": [0], "schedule": schedule(2, 32, 0.01),
                 "models": {"mlp": {"arch": "4-2"}, "qnn": {"arch": "depth2-cnot", "schedule": DROP}},
                 "lanczos_steps": 10, "probes": 5},

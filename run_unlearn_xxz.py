@@ -11,13 +11,10 @@ results/xxz/). The ground states are generated once by exact diagonalisation and
 from dataclasses import replace
 
 import datar
-import methods
 import poison_unlearn
 import runner
-from runner import DROP, merged, schedule
+from presets import ALPHAS, BOTH, DROP, PAPER_LAYER, QUICK_LAYER, SMOKE_LAYER, merged, schedule
 
-ALPHAS = [round(0.1 * k, 1) for k in range(10)]
-BOTH = ["label_flip", "feature_randomization"]
 MLP = schedule(400, 32, 0.01)
 QNN = schedule(200, 32, 0.03)
 
@@ -27,11 +24,12 @@ def label_flip_only(model, arch, sched, **extra):
 
 
 PAPER = {  # the authors' src/run_unlearn_xxz.py; gauge "random" = their eigensolver's phases
-    "dtype": "complex128", "qubits": 12, "runs": 5, "gauge": "random", "methods": list(methods.METHODS),
+    **PAPER_LAYER, "qubits": 12, "gauge": "random",
     "phase": {"alphas": ALPHAS, "poisons": BOTH, "models": {
         "qnn": {"model": "qnn", "arch": "depth4", "schedule": QNN},
         "mlp": {"model": "mlp", "arch": "64-16", "schedule": MLP},
-        "mlp fixed gauge": {"model": "mlp", "arch": "64-16", "gauge": "fixed", "schedule": MLP},  # beyond the paper
+        "mlp fixed gauge": {"model": "mlp", "arch": "64-16", "gauge": "fixed", "poisons": BOTH,  # beyond the paper
+                            "schedule": MLP},
         **{f"mlp {arch}": label_flip_only("mlp", arch, MLP) for arch in ("32-8", "16-4", "8-2", "8-4")},
         **{f"qnn depth{d}": label_flip_only("qnn", f"depth{d}", QNN) for d in (5, 6, 7)}}},  # the depth study
     "unlearn": {"studies": {
@@ -41,15 +39,12 @@ PAPER = {  # the authors' src/run_unlearn_xxz.py; gauge "random" = their eigenso
                 "teacher": QNN, "unlearn": schedule(50, None, 0.005)},
         "mlp features": {"model": "mlp", "arch": "64-16", "poison": "feature_randomization", "alpha": 0.8,
                          "teacher": MLP, "unlearn": schedule(50, None, 0.01)}}},
-    "sweep": {"kl_w": ALPHAS, "fo_w": ALPHAS, "hparam_points": 10, "lr_factors": [0.1, 0.316, 1.0, 3.16, 10.0]},
-    "audit": {"shadows": 128, "folds": 4, "relearn_epochs": 50},
-    "runs_per_program": "all",  # every unit's runs as one vmapped program (accelerators); see runner.CHUNKS
 }
 
-QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's findings
+QUICK = merged(PAPER, QUICK_LAYER, {  # minutes on a 2-core CPU, still showing the paper's findings
     # 10 spins: 4x fewer amplitudes than the paper's 12 (the QNNs on 10 and 11 qubits, the MLP on 2,048 features),
     # the same two phases and the same findings; --qubits 12 runs these settings at the paper's size (25 min)
-    "dtype": "complex64", "runs": 2, "qubits": 10,
+    "qubits": 10,
     "phase": {"models": {"qnn": {"schedule": schedule(60, 32, 0.03)},
                          "mlp fixed gauge": {"poisons": ["label_flip"]},
                          "mlp 32-8": DROP, "mlp 8-4": DROP, "qnn depth5": DROP, "qnn depth7": DROP,
@@ -60,14 +55,9 @@ QUICK = merged(PAPER, {  # minutes on a 2-core CPU, still showing the paper's fi
                             # at 10 spins and 800, 0.92-1.00 (mean 0.97)
                             "mlp": {"teacher": schedule(800, 32, 0.01), "unlearn": schedule(30, None, 0.01)},
                             "mlp features": {"unlearn": schedule(30, None, 0.01)}}},
-    "sweep": {"kl_w": [0.0, 0.2, 0.8], "fo_w": [0.0, 0.2, 0.8], "hparam_points": 3,  # x 2 runs = 6 cells, as the audit
-              "lr_factors": [0.316, 1.0, 3.16]},
-    "audit": {"shadows": 6, "relearn_epochs": 5},
-    "runs_per_program": "runs",  # --runs at a time: parts share compilations, and CPUs run narrow programs faster
 })
 
-SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings
-    "methods": [*methods.PAPER_METHODS, "salun", "newton"],  # every code path: masks and one-shot steps
+SMOKE = merged(QUICK, SMOKE_LAYER, {  # seconds, for CI and the notebooks' self-check: plumbing, not findings
     "qubits": 6,
     "phase": {"alphas": [0.0, 0.5], "models": {
         "qnn": {"arch": "depth2", "schedule": schedule(3, 32, 0.03)},
@@ -78,8 +68,6 @@ SMOKE = merged(QUICK, {  # seconds, for CI and the notebooks' self-check: shapes
         "mlp": {"arch": "16-4", "teacher": schedule(5, 32, 0.01), "unlearn": schedule(3, None, 0.01)},
         "qnn": {"arch": "depth2", "teacher": schedule(3, 32, 0.03), "unlearn": schedule(2, None, 0.005)},
         "mlp features": DROP}},
-    "sweep": {"kl_w": [0.0, 0.5], "fo_w": [0.0, 0.5], "hparam_points": 2, "lr_factors": [1.0, 3.0]},
-    "audit": {"shadows": 4, "relearn_epochs": 3},
 })
 
 PRESETS = {"quick": QUICK, "paper": PAPER, "smoke": SMOKE}

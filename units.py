@@ -1,0 +1,247 @@
+"""What each part of a study is made of: its table, its units, and the run's context they share.
+
+A study is a list of *units*, each a fixed set of trainings that yields rows of one CSV table. ``PARTS`` maps each
+part name to a :class:`Part`: its file, columns, the columns that identify a unit, and ``build_units(ctx)``. A
+unit's ``work(ctx)`` is a picklable partial of a module-level function, so that a Ray worker can rebuild its
+context from the settings and run it too; workers look units up by key.
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+import audit
+import fidelity
+import hessian
+import methods
+import models
+import poison_unlearn as pu
+
+CHUNKS = {"runs": lambda runs: runs, "all": lambda runs: None}
+"""``runs_per_program``: --runs runs per compiled program (quick, smoke: parts share programs, and on a CPU a
+narrow program runs faster, its statevectors in cache), or all runs of a unit at once (paper: for accelerators)."""
+
+
+# ------------------------------------------------------------------------------------- context
+class Context:
+    """What the units of one run share: settings, datasets and teacher populations (made once each).
+
+    ``load(settings, gauge)`` gives the clean dataset; ``study_data(ds, study, fid)`` (optional) the dataset a
+    study trains on, when it differs (the authors' 13-qubit XXZ unlearning QNN).
+    """
+
+    def __init__(self, settings, load, study_data=None):
+        self.settings, self.load = settings, load
+        self.study_data = study_data or (lambda ds, study, fid: ds)
+        self.fid = fidelity.Fidelity(**settings["fidelity"])
+        self.seed, self.runs = settings["seed"], settings["runs"]
+        self.chunk = CHUNKS[settings["runs_per_program"]](self.runs)  # runs per compiled program, every training
+        self._data, self._populations = {}, {}
+
+    def data(self, gauge=None):
+        gauge = gauge or self.settings["gauge"]
+        if gauge not in self._data:
+            self._data[gauge] = self.load(self.settings, gauge)
+        return self._data[gauge]
+
+    def studies(self):
+        return [pu.Study(s["model"], s["arch"], s["poison"], s["alpha"], pu.Schedule(**s["teacher"]),
+                         pu.Schedule(**s["unlearn"])) for s in self.settings["unlearn"]["studies"].values()]
+
+    def study_dataset(self, study):
+        return self.study_data(self.data(), study, self.fid)
+
+    def population(self, study, runs=None, shared_teacher=None):
+        """Teachers of a study (``runs``, default --runs): shared or per run as the fidelity says, unless told."""
+        shared = self.fid.teachers == "shared" if shared_teacher is None else shared_teacher
+        key = (study, runs or self.runs, shared)
+        if key not in self._populations:
+            self._populations[key] = pu.train_teachers(self.study_dataset(study), study, runs=key[1], seed=self.seed,
+                                                       fid=self.fid, shared_teacher=shared, chunk=self.chunk)
+        return self._populations[key]
+
+
+def mean_by(rows, column, metric):
+    values = {}
+    for row in rows:
+        values.setdefault(row[column], []).append(row[metric])
+    return " ".join(f"{k}:{np.nanmean(v):.2f}" for k, v in values.items())
+
+
+# --------------------------------------------------------------------------------------- units
+@dataclass(frozen=True)
+class Unit:
+    """A unit of work: its key (the columns that identify its rows), a label, and ``work(ctx) -> Done``."""
+
+    key: dict
+    label: str
+    work: object
+
+
+class Done(NamedTuple):
+    """What a unit returns to the driver: its rows, a one-line summary, wall seconds of its pieces, and arrays to
+    add to npz files of the results folder (file name -> name -> array)."""
+
+    rows: list
+    info: str
+    timings: dict = {}
+    arrays: dict = {}
+
+
+def _phase(ctx, spec, gauge, poison):
+    rows = pu.resilience_unit(ctx.data(gauge), spec["model"], spec["arch"], poison, ctx.settings["phase"]["alphas"],
+                              runs=ctx.runs, schedule=pu.Schedule(**spec["schedule"]), seed=ctx.seed, fid=ctx.fid,
+                              chunk=ctx.chunk)
+    return Done(rows, "val_acc by alpha " + mean_by(rows, "alpha", "val_acc"))
+
+
+def phase_units(ctx):
+    """One unit per (model, architecture, gauge, poison): every alpha and run trained at once."""
+    units = []
+    for spec in ctx.settings["phase"]["models"].values():
+        gauge = spec.get("gauge", ctx.settings["gauge"])
+        for poison in spec.get("poisons", ctx.settings["phase"]["poisons"]):
+            key = {"dataset": ctx.settings["dataset"], "gauge": gauge, "model": spec["model"], "arch": spec["arch"],
+                   "poison": poison}
+            units.append(Unit(key, f"{spec['model']} {spec['arch']} {gauge} {poison}",
+                              functools.partial(_phase, spec=spec, gauge=gauge, poison=poison)))
+    return units
+
+
+def _unlearn(ctx, study):
+    rows, outcomes = pu.unlearn_unit(ctx.study_dataset(study), study, ctx.population(study),
+                                     method_names=ctx.settings["methods"], seed=ctx.seed, fid=ctx.fid,
+                                     chunk=ctx.chunk)
+    final = [r for r in rows if r["epoch"] == study.unlearn.epochs]
+    timings = {f"{study.model} {study.arch} {study.poison} {m}": {"run_s": round(o.run_s, 3),
+                                                                   "compile_s": round(o.compile_s, 2)}
+               for m, o in outcomes.items()}
+    return Done(rows, "final val_acc " + mean_by(final, "method", "val_acc") + "; forget_poison_acc "
+                + mean_by(final, "method", "forget_poison_acc"), timings)
+
+
+def study_key(ctx, study):
+    return {"dataset": ctx.settings["dataset"], "model": study.model, "arch": study.arch, "poison": study.poison,
+            "alpha": study.alpha}
+
+
+def study_units(ctx, work):
+    """One unit per unlearning study, running ``work(ctx, study=...)``."""
+    return [Unit(study_key(ctx, s), f"{s.model} {s.arch} {s.poison} alpha={s.alpha}", functools.partial(work, study=s))
+            for s in ctx.studies()]
+
+
+def unlearn_units(ctx):
+    """One unit per study: the teacher and every method, R runs each."""
+    return study_units(ctx, _unlearn)
+
+
+def _sweep(ctx, study, method, sweep, param, values, fixed):
+    rows = pu.sweep_unit(ctx.study_dataset(study), study, ctx.population(study), method, sweep=sweep, param=param,
+                         values=values, seed=ctx.seed, fid=ctx.fid, fixed=fixed, chunk=ctx.chunk)
+    return Done(rows, f"val_acc by {param} " + mean_by(rows, "value", "val_acc"))
+
+
+def sweep_plan(settings, study):
+    """(method, sweep, parameter, values, fixed hyper-parameters) of a study's sweeps: the paper's weight grids
+    (SCRUB kl_w x fo_w, a unit per kl_w; gradient ascent over fo_w), every other method's key hyper-parameter,
+    and the learning rate of every method that trains (factors of the study's rate; one-shot steps have none)."""
+    cfg, names = settings["sweep"], settings["methods"]
+    lines = []
+    if "scrub" in names:
+        lines += [("scrub", "weights", "fo_w", cfg["fo_w"], {"kl_w": kl_w}) for kl_w in cfg["kl_w"]]
+    if "grad_ascent" in names:
+        lines.append(("grad_ascent", "weights", "fo_w", cfg["fo_w"], {"kl_w": 0.0}))
+    for name in names:
+        method = methods.METHODS[name]
+        if method.key and not method.paper:
+            lines.append((name, "hparam", method.key, pick(method.grid, cfg["hparam_points"]), {}))
+    lrs = [round(study.unlearn.lr * f, 8) for f in cfg["lr_factors"]]
+    lines += [(name, "lr", "lr", lrs, {}) for name in names if methods.METHODS[name].step is None]
+    return lines
+
+
+def pick(grid, count):
+    """``count`` values spread evenly over ``grid`` (its ends included), or all of it."""
+    if count >= len(grid):
+        return list(grid)
+    return [grid[i] for i in np.linspace(0, len(grid) - 1, count).round().astype(int)]
+
+
+def sweep_units(ctx):
+    """One unit per (study, method, sweep line): one compiled computation over the line's values and runs."""
+    units = []
+    for study in ctx.studies():
+        for method, sweep, param, values, fixed in sweep_plan(ctx.settings, study):
+            kl_w = fixed.get("kl_w", methods.METHODS[method].hparams.get("kl_w", float("nan")))
+            key = study_key(ctx, study) | {"method": method, "sweep": sweep, "kl_w": float(kl_w)}
+            units.append(Unit(key, f"{study.model} {study.poison} {method} {sweep} {param}"
+                              + (f" kl_w={kl_w}" if sweep == "weights" else ""),
+                              functools.partial(_sweep, study=study, method=method, sweep=sweep, param=param,
+                                                values=values, fixed=fixed)))
+    return units
+
+
+def _audit(ctx, study):
+    cfg = ctx.settings["audit"]
+    rows, seconds = audit.audit_unit(ctx.study_dataset(study), study,
+                                     ctx.population(study, runs=cfg["shadows"], shared_teacher=False),
+                                     method_names=ctx.settings["methods"], folds=cfg["folds"],
+                                     relearn_cap=cfg["relearn_epochs"], seed=ctx.seed, fid=ctx.fid, chunk=ctx.chunk)
+    return Done(rows, "mia_auc " + mean_by(rows, "method", "mia_auc") + "; ulira_acc "
+                + mean_by(rows, "method", "ulira_acc"), {f"audit {study.model} {study.arch} {study.poison}": seconds})
+
+
+def audit_units(ctx):
+    """One unit per study: K shadow runs of teacher, oracle retrain and every method, then the attacks."""
+    return study_units(ctx, _audit)
+
+
+def _hessian(ctx, spec):
+    with models.precision("complex128"):
+        rows, spectra = hessian.hessian_unit(ctx.settings, spec, chunk=ctx.chunk)
+    return Done(rows, "trace by alpha " + mean_by(rows, "alpha", "trace"), arrays={"hessian_spectra.npz": spectra})
+
+
+def hessian_units(ctx):
+    """One unit per model of the Hessian study."""
+    return [Unit({"model": spec["model"], "arch": spec["arch"]}, f"{spec['model']} {spec['arch']}",
+                 functools.partial(_hessian, spec=spec)) for spec in ctx.settings["hessian"]["models"].values()]
+
+
+# ------------------------------------------------------------------------------------ the parts
+@dataclass(frozen=True)
+class Part:
+    """A part of a study: its results file, columns, the columns that identify a unit, and its units."""
+
+    file: str
+    columns: tuple
+    key_columns: tuple
+    build_units: object
+
+    def unit_key(self, key):
+        return tuple(str(key[c]) for c in self.key_columns)
+
+
+STUDY = ("dataset", "model", "arch", "poison", "alpha")
+PARTS = {
+    "phase": Part("phase.csv", ("dataset", "gauge", "model", "arch", "poison", "alpha", "run", "train_acc",
+                                "val_acc"), ("dataset", "gauge", "model", "arch", "poison"), phase_units),
+    "unlearn": Part("unlearn.csv", (*STUDY, "method", "run", "epoch", "train_acc", "val_acc", "retain_acc",
+                                    "forget_acc", "forget_poison_acc", "oracle_agree"), STUDY, unlearn_units),
+    "sweep": Part("sweep.csv", (*STUDY, "method", "sweep", "param", "value", "kl_w", "fo_w", "lr", "run", "val_acc",
+                                "forget_acc", "forget_poison_acc"), (*STUDY, "method", "sweep", "kl_w"), sweep_units),
+    "audit": Part("audit.csv", (*STUDY, "method", "run", "mia_acc", "mia_auc", "ulira_acc", "ulira_auc",
+                                "kl_oracle_val", "kl_oracle_forget", "oracle_agree", "relearn_epochs",
+                                "relearn_capped", "unlearn_s", "grad_evals"), STUDY, audit_units),
+    "hessian": Part("hessian.csv", ("model", "arch", "alpha", "seed", "train_acc", "val_acc", "trace", "top_eig"),
+                    ("model", "arch"), hessian_units),
+}
+
+
+def find_unit(ctx, part, key):
+    """The unit of ``part`` whose key is ``key`` (a Ray worker's lookup: by identity, not by list position)."""
+    wanted = PARTS[part].unit_key(key)
+    return next(u for u in PARTS[part].build_units(ctx) if PARTS[part].unit_key(u.key) == wanted)
