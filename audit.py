@@ -123,7 +123,7 @@ def relearn_epochs(pop, params, start_level, teacher_level, *, study, recipe, rn
     rows = methods.ROWS["joined"](pop, rng_of)
     n_rows = rows["y"].shape[1]
     batch = study.teacher.batch or n_rows
-    plan = models.stack_plans([recipe.plan(rng_of(d, "plan"), n_rows, batch, cap) for d in pop.draws])
+    plan = models.stack_plans([recipe.plan(rng_of(d, "relearn-plan"), n_rows, batch, cap) for d in pop.draws])
     trainer = models.Trainer(pop.model, models.ce_loss, forget_poison_accuracy, batch, recipe)
     out = models.train_runs(trainer, params, rows, plan, study.teacher.lr, aux=pop.inputs, shared=pop.shared,
                             every_epoch=True, chunk=chunk)

@@ -13,6 +13,8 @@ one block ``with precision(dtype):``.
 import contextlib
 import ctypes
 import functools
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -570,8 +572,11 @@ def init_runs(model, keys):
 
 # ------------------------------------------------------------------------------------- seeding
 def unit_seed(seed, *identity):
-    """A 63-bit integer derived deterministically from a seed and a unit's identity (any printable values)."""
-    entropy = np.random.SeedSequence([seed, *[int.from_bytes(str(x).encode(), "little") % 2**63 for x in identity]])
+    """A 63-bit integer derived deterministically from a seed and a unit's whole identity (any printable values):
+    the SHA-256 of a canonical encoding (the JSON list of each part's ``str``) seeds a ``SeedSequence`` as eight
+    32-bit words, so identities that differ anywhere, in any part, get independent streams."""
+    digest = hashlib.sha256(json.dumps([str(seed), *map(str, identity)]).encode()).digest()
+    entropy = np.random.SeedSequence([int(w) for w in np.frombuffer(digest, np.uint32)])
     return int(entropy.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 

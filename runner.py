@@ -139,14 +139,15 @@ def device_description():
 def start_ray(address):
     """Connect to the Ray cluster at ``address`` or start a local instance on loopback (``"local"``); a cluster
     that does not answer within ``RAY_CONNECT_S`` is one line and exit 2."""
+    if address == "local":  # Ray's single-machine mode (its default on macOS): every server on 127.0.0.1
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray  # optional: only --ray needs it
 
     root = str(Path(__file__).resolve().parent)
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
                         **{k: v for k, v in os.environ.items() if k in ("QMU_CACHE", "MNIST_PATH", "XLA_FLAGS")}}}
     if address == "local":
-        ray.init(runtime_env=env, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        ray.init(runtime_env=env, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         return ray
     outcome = {}
 
@@ -257,7 +258,8 @@ def main(dataset, description, presets, load, parts, argv=None, extra=None, extr
         lock = results.lock(out)
         config = results.open_results(out, settings, files=[part.file for part in units.PARTS.values()],
                                       device=device_description(), overwrite=args.overwrite)
-        config["execution"] = {"devices": devices, "ray": args.ray}
+        config["execution"] = {"devices": devices, "ray": args.ray,
+                               "ray_gcs": ray.get_runtime_context().gcs_address if ray else None}
         started = time.perf_counter()
         with lock:
             run_parts(out, args.parts, units.Context(settings, load, study_data), config, ray=ray,

@@ -31,17 +31,23 @@ def test_mia_is_chance_on_samples_the_model_never_saw(mnist):
 
 
 def test_mia_sees_a_memorising_teachers_flipped_samples(mnist):
+    """Three teachers that memorise every flipped label (each its own draw): membership inference tells their
+    flipped samples from held-out ones, although they are confident on validation too (chance: 0.5 +- 0.027 for
+    the mean of three attacks on 60 + 60 samples)."""
     xs, ys, xv, yv = mnist
     ds = pu.Dataset("mnist", "none", xs, ys, xv, yv, raw_dim=784)
-    study = pu.Study("mlp", "64-16", "label_flip", 0.3, pu.Schedule(100, 32, 0.01), pu.Schedule(1, None, 0.01))
-    pop = pu.train_teachers(ds, study, runs=1, seed=0, fid=fidelity.CORRECTED, shared_teacher=True)
-    forget = models.take_runs(pop.inputs, 0)
-    params = models.take_runs(pop.params, 0)
-    member = np.asarray(models.bce(pop.model.logits(params, forget["trained_x"]), forget["trained_y"]))
-    held = np.asarray(models.bce(pop.model.logits(params, pop.shared["x_val"][:60]), pop.shared["y_val"][:60]))
-    acc, auc = audit.simple_mia(member, held, seed=0)
-    # the teacher holds every flipped label, yet it is confident on validation too: chance is 0.5 +- 0.046 here
-    assert acc > 0.65 and auc > 0.65
+    study = pu.Study("mlp", "64-16", "label_flip", 0.3, pu.Schedule(300, 32, 0.01), pu.Schedule(1, None, 0.01))
+    pop = pu.train_teachers(ds, study, runs=3, seed=0, fid=fidelity.CORRECTED, shared_teacher=False)
+    attacks, held_x, held_y = [], pop.shared["x_val"][:60], pop.shared["y_val"][:60]
+    for run in range(3):
+        forget, params = models.take_runs(pop.inputs, run), models.take_runs(pop.params, run)
+        logits = pop.model.logits(params, forget["trained_x"])
+        assert np.mean((logits > 0) == (forget["trained_y"] > 0)) >= 0.95  # it memorised the flips
+        member = np.asarray(models.bce(logits, forget["trained_y"]))
+        held = np.asarray(models.bce(pop.model.logits(params, held_x), held_y))
+        attacks.append(audit.simple_mia(member, held, seed=run))
+    acc, auc = np.mean(attacks, axis=0)
+    assert acc > 0.62 and auc > 0.62
 
 
 def synthetic_confidences(rng, shift, runs=240, examples=60, rate=0.3):
@@ -81,7 +87,8 @@ def test_audit_rows_cover_every_registered_method_including_a_new_one(monkeypatc
     assert [r["method"] for r in rows[::6]] == ["teacher", "retrain", "finetune_gently", "newton"]
     columns = units.PARTS["audit"].columns
     assert all(set(columns) <= set(r) for r in rows)
-    assert all(0 <= r[c] <= 1 for r in rows for c in ("mia_acc", "mia_auc", "ulira_acc", "ulira_auc"))
+    retrain = [r for r in rows if r["method"] == "retrain"]
+    assert all(r["kl_oracle_val"] > 0 for r in retrain)  # retrained again from other draws: not the oracle itself
     teacher = [r for r in rows if r["method"] == "teacher"]
     assert all(r["relearn_epochs"] == 0 and r["grad_evals"] == 0 for r in teacher)
     assert all(r["grad_evals"] > 0 and r["unlearn_s"] >= 0 for r in rows if r["method"] != "teacher")
@@ -124,8 +131,11 @@ def test_relearning_counts_epochs_until_training_on_the_poison_restores_the_teac
                                     cap=cap)
 
     epochs, capped = relearn(retrained, start)
+    def relearn_draws(draw, purpose):  # relearning's own minibatch stream, asked for as a method's "plan"
+        return rng_of(draw, "relearn-plan" if purpose == "plan" else purpose)
+
     poisoned_training = methods.run_method(methods.Method(models.ce_loss, rows="joined"),
-                                           dataclasses.replace(pop, params=retrained), rng_of,
+                                           dataclasses.replace(pop, params=retrained), relearn_draws,
                                            schedule=pu.Schedule(cap, study.teacher.batch, study.teacher.lr),
                                            recipe=recipe)
     back = poisoned_training.metrics["forget_poison_acc"] >= audit.RELEARN_LEVEL * level[:, None] - 1e-9

@@ -49,16 +49,21 @@ def test_resilience_unit_rows_and_determinism(tiny):
     kwargs = {"runs": 2, "schedule": pu.Schedule(3, 32, 0.01), "seed": 7, "fid": fidelity.CORRECTED}
     rows = pu.resilience_unit(tiny, "mlp", "8", "label_flip", [0.0, 0.5], **kwargs)
     assert [(r["alpha"], r["run"]) for r in rows] == [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
-    assert all(0 <= r[m] <= 1 for r in rows for m in ("train_acc", "val_acc"))
+    by_alpha = {a: np.mean([r["train_acc"] for r in rows if r["alpha"] == a]) for a in (0.0, 0.5)}
+    assert by_alpha[0.0] > by_alpha[0.5] + 0.2  # clean labels are learnable; half of them flipped are not
     assert rows == pu.resilience_unit(tiny, "mlp", "8", "label_flip", [0.0, 0.5], **kwargs)
     assert rows != pu.resilience_unit(tiny, "mlp", "8", "label_flip", [0.0, 0.5], **kwargs | {"seed": 8})
 
 
-def test_both_models_see_the_same_poison(tiny):
-    _, _, idx_a = pu.poisoned_copy(tiny, "label_flip", 0.3, seed=0, run=1)
-    _, _, idx_b = pu.poisoned_copy(tiny, "label_flip", 0.3, seed=0, run=1)
-    np.testing.assert_array_equal(idx_a, idx_b)
-    assert not np.array_equal(idx_a, pu.poisoned_copy(tiny, "label_flip", 0.3, seed=0, run=2)[2])
+def test_both_models_see_the_same_poison(tiny, study):
+    """The QNN's and the MLP's teachers of a study are trained on the same poisoned rows, run by run."""
+    qnn = dataclasses.replace(study, model="qnn", arch="depth1", teacher=pu.Schedule(1, 80, 0.01))
+    mlp = dataclasses.replace(study, teacher=pu.Schedule(1, 80, 0.01))
+    pops = [pu.train_teachers(tiny, s, runs=2, seed=0, fid=fidelity.CORRECTED, shared_teacher=False)
+            for s in (qnn, mlp)]
+    for key in ("forget_idx", "trained_y", "retain_y"):
+        np.testing.assert_array_equal(pops[0].inputs[key], pops[1].inputs[key])
+    assert not np.array_equal(pops[0].inputs["forget_idx"][0], pops[0].inputs["forget_idx"][1])
 
 
 def test_shared_teacher_versus_a_teacher_per_run(tiny, study, pop):
@@ -265,8 +270,11 @@ def test_unlearn_unit_rows_and_oracle(tiny, study, pop):
     rows, outcomes = pu.unlearn_unit(tiny, study, pop, method_names=names, seed=0, fid=fidelity.CORRECTED)
     assert set(outcomes) == set(names)
     assert len(rows) == 3 * 2 * (study.unlearn.epochs + 1)
-    assert all(r["oracle_agree"] == 1.0 for r in rows if r["method"] == "retrain")
-    assert all(0 <= r[m] <= 1 for r in rows for m in methods.UNLEARN_METRICS)
+    agree = (outcomes["finetune"].metrics["val_pred"] == outcomes["retrain"].metrics["val_pred"]).mean(axis=-1)
+    finetune = [r for r in rows if r["method"] == "finetune"]
+    np.testing.assert_allclose([r["oracle_agree"] for r in finetune],
+                               [agree[r["run"], r["epoch"]] for r in finetune], atol=1e-6)
+    assert agree[:, 0].mean() < 0.95  # epoch 0: the teacher against a fresh model, far apart
     newton = [r["val_acc"] for r in rows if r["method"] == "newton" and r["run"] == 0]
     assert len(set(newton[1:])) == 1  # a one-shot step: flat after epoch 1
     assert pu.unlearn_unit(tiny, study, pop, method_names=names, seed=0, fid=fidelity.CORRECTED)[0] == rows

@@ -39,6 +39,7 @@ def test_ray_gives_the_serial_rows_once_even_when_workers_die(tmp_path):
     ray = run_script("run_unlearn_mnist.py", tmp_path / "ray", "--parts", "phase", "--ray",
                      env={"QMU_FAIL_ONCE_DIR": str(markers)})
     assert len(list(markers.iterdir())) == 4  # every unit's first attempt killed its worker, and was retried
+    assert json.loads((ray / "config.json").read_text())["execution"]["ray_gcs"].startswith("127.0.0.1:")
     header, lines = rows(ray / "phase.csv")
     assert (header, lines) == rows(serial / "phase.csv")
     assert len(lines) == len(set(lines))  # no unit written twice
