@@ -232,15 +232,19 @@ def cached_xxz_states(L):
         return f["states"], f["deltas"]
 
 
+GAUGES = {  # a state's global phase, unphysical but seen by the MLP's raw amplitudes
+    "fixed": lambda states, rng: states,  # the solver's real states, largest amplitude positive
+    "sign": lambda states, rng: states * rng.choice([-1.0, 1.0], len(states))[:, None],  # a real solver's sign
+    "random": lambda states, rng: states * np.exp(2j * np.pi * rng.random(len(states)))[:, None],  # any phase
+}
+
+
 def apply_gauge(states, gauge, rng):
-    """Global-phase convention: 'fixed' keeps the largest amplitude real positive, 'random' multiplies
-    each state by a seeded random phase (as a raw eigensolver would hand them out)."""
-    states = states.astype(np.complex128)
-    if gauge == "fixed":
-        return states
-    if gauge == "random":
-        return states * np.exp(2j * np.pi * rng.random(len(states)))[:, None]
-    raise ValueError(f"gauge must be 'random' or 'fixed', got {gauge!r}")
+    """Global-phase convention: 'fixed' keeps the largest amplitude real positive, 'sign' multiplies each state
+    by a seeded random sign (a real symmetric eigensolver's arbitrary sign), 'random' by a seeded random phase."""
+    if gauge not in GAUGES:
+        raise ValueError(f"gauge must be one of {', '.join(GAUGES)}, got {gauge!r}")
+    return GAUGES[gauge](states.astype(np.complex128), rng)
 
 
 def xxz_data(L=12, seed=0, gauge="random", return_delta=False):

@@ -26,10 +26,13 @@ class Fidelity:
     qnn_training: str  # h: "paper" (summed probability CE, eps 1e-8, shuffle-buffer stream) | "engine"
     mnist_selection: str  # i: "first" (first 250 of each digit) | "seeded"
     mlp_precision: str = "dtype"  # j: "float32" (Keras' floatx, whatever --dtype) | "dtype" (results before j)
+    mlp_optimizer: str = "optax"  # k: "keras" (Keras' Adam, epsilon before bias correction) | "optax" (before k)
 
     def recipe(self, kind, stage):
-        """How a model kind (``"qnn"``/``"mlp"``) trains at a stage (``"train"``/``"unlearn"``): items c and h."""
+        """How a model kind (``"qnn"``/``"mlp"``) trains at a stage (``"train"``/``"unlearn"``): items c, h and k."""
         base = TRAINING[self.qnn_training][kind][stage]
+        if kind == "mlp":
+            base = replace(base, optimizer=OPTIMIZERS[self.mlp_optimizer])
         return replace(base, kl=DIVERGENCES[self.scrub_divergence][kind]) if stage == "unlearn" else base
 
     @property
@@ -47,10 +50,12 @@ _PAPER_QNN = {"train": models.Recipe(ce=models.probability_ce, reduce=models.mas
 _ENGINE = {"train": models.ENGINE, "unlearn": models.ENGINE}
 TRAINING = {
     # the authors' QNN: TensorCircuit's vvag sums the gradient over a batch; optax's Adam epsilon; tf.data stream.
-    # Their MLP is Keras: mean BCE from the sigmoid's logits, Adam epsilon 1e-7, reshuffled every epoch (= ENGINE).
+    # Their MLP is Keras: mean BCE from the sigmoid's logits, Adam epsilon 1e-7, reshuffled every epoch (= ENGINE,
+    # with Keras' Adam by item k).
     "paper": {"qnn": _PAPER_QNN, "mlp": _ENGINE},
     "engine": {"qnn": _ENGINE, "mlp": _ENGINE},
 }
+OPTIMIZERS = {"keras": models.keras_adam, "optax": models.optax_adam}
 DIVERGENCES = {
     "one_sided": {"qnn": models.one_sided_kl, "mlp": models.keras_kl},
     "bernoulli": {"qnn": models.bernoulli_kl, "mlp": models.bernoulli_kl},
@@ -58,9 +63,9 @@ DIVERGENCES = {
 
 PAPER = Fidelity("paper", mnist_encoding="columns", feature_noise="paper", scrub_divergence="one_sided",
                  scrub_forget_inputs="clean", xxz_unlearn_qnn="realified", teachers="shared", hessian="paper",
-                 qnn_training="paper", mnist_selection="first", mlp_precision="float32")
+                 qnn_training="paper", mnist_selection="first", mlp_precision="float32", mlp_optimizer="keras")
 CORRECTED = Fidelity("corrected", mnist_encoding="unit", feature_noise="haar", scrub_divergence="bernoulli",
                      scrub_forget_inputs="poisoned", xxz_unlearn_qnn="complex", teachers="per_run",
                      hessian="corrected", qnn_training="engine", mnist_selection="seeded",
-                     mlp_precision="dtype")
+                     mlp_precision="dtype", mlp_optimizer="optax")
 FIDELITIES = {"paper": PAPER, "corrected": CORRECTED}

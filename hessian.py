@@ -172,7 +172,7 @@ HESSIAN = {
     # 2000, Keras MLP; Hessians of the mean loss (QNN: complex parameters; Keras MLP: clipped probabilities),
     # trace = sum of all eigenvalues; ratio to the mean clean trace, collapsed runs (trace 0.25 +- 0.01) dropped.
     "paper": HessianRecipe("uniform", {"qnn": models.Recipe(ce=models.probability_ce, adam_eps=1e-8, order="stream",
-                                                             buffer=2000), "mlp": models.ENGINE},
+                                                             buffer=2000), "mlp": models.KERAS},
                            {"qnn": models.probability_ce, "mlp": models.keras_probability_ce}, True, "exact",
                            "mean_clean"),
     "corrected": HessianRecipe("balanced", {"qnn": models.ENGINE, "mlp": models.ENGINE},

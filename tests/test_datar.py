@@ -112,6 +112,27 @@ def test_gauges_differ_only_by_a_global_phase():
         datar.xxz_data(L=6, gauge="wobbly")
 
 
+def test_the_sign_gauge_flips_signs_only_and_moves_a_realified_state_on_qubit_0_alone():
+    """gauge="sign": a real eigensolver's arbitrary sign. Norms, labels and |amplitudes| as the fixed gauge, each
+    state times +-1 (both signs drawn); the authors' 13-qubit input [Re; Im] (qubit 0 = the Re/Im bit) of a
+    sign-flipped real state differs from the original only by signs on qubit 0's Re half, where a random phase
+    moves weight onto its Im half."""
+    xs, ys, xv, yv = datar.xxz_data(L=6, seed=0, gauge="sign")
+    fx, fy, fxv, fyv = datar.xxz_data(L=6, seed=0, gauge="fixed")
+    np.testing.assert_array_equal(ys, fy)
+    np.testing.assert_array_equal(yv, fyv)
+    np.testing.assert_allclose(np.linalg.norm(xs, axis=1), 1, atol=1e-12)
+    np.testing.assert_array_equal(np.abs(xs), np.abs(fx))
+    signs = np.sum(xs * np.conj(fx), axis=1)
+    np.testing.assert_allclose(np.abs(signs), 1, atol=1e-12)
+    assert set(np.round(signs.real).astype(int)) == {-1, 1} and np.allclose(signs.imag, 0)
+    real_sign, real_fixed = datar.real_features(xs), datar.real_features(fx)
+    half = real_fixed.shape[1] // 2
+    np.testing.assert_array_equal(real_sign[:, half:], 0)
+    np.testing.assert_array_equal(real_sign[:, :half], np.round(signs.real)[:, None] * real_fixed[:, :half])
+    assert np.abs(datar.real_features(datar.xxz_data(L=6, seed=0, gauge="random")[0])[:, half:]).max() > 0.1
+
+
 def test_corrupt_cache_is_rebuilt():
     path = datar.CACHE_DIR / "xxz_L4.npz"
     good = datar.xxz_data(L=4, gauge="fixed")[0]
