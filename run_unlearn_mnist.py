@@ -66,6 +66,10 @@ def load(settings, gauge):
 
 
 def main(argv=None):
+    try:  # a MNIST_PATH naming no file is bad input: one line, before anything is written
+        datar.keras_mnist_path()
+    except FileNotFoundError as err:
+        runner.fail(str(err))
     return runner.main("mnist", __doc__, PRESETS, load, PARTS, argv)
 
 

@@ -35,6 +35,15 @@ def test_bad_arguments_one_line_exit_2_nothing_written(argv, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_an_mnist_path_naming_no_file_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MNIST_PATH", str(tmp_path / "missing.npz"))
+    with pytest.raises(SystemExit) as stop:
+        run_mnist("--out", str(tmp_path / "out"), "--preset", "smoke")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "missing.npz" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_naming_an_existing_file_is_refused(tmp_path, capsys):
     target = tmp_path / "results.txt"
     target.write_text("keep me")
