@@ -96,16 +96,20 @@ def study_data(ds, study, fid):
     return STUDY_INPUTS[fid.xxz_unlearn_qnn](ds) if study.model == "qnn" else ds
 
 
-QUBITS_FLAG = {"--qubits": {"type": int, "choices": QUBITS, "metavar": "L",
-                             "help": "spins of the chain, even, 4 to 16 (default: the preset's; quick 10, paper 12)"}}
+FLAGS = {"--qubits": {"type": int, "choices": QUBITS, "metavar": "L",
+                      "help": "spins of the chain, even, 4 to 16 (default: the preset's; quick 10, paper 12)"},
+         "--gauge": {"choices": list(datar.GAUGES), "help": "the states' global phase: random (default, a seeded "
+                     "phase each), sign (a seeded +-1 each, as a real eigensolver) or fixed; the MLP on fixed-gauge "
+                     "states stays fixed"}}
 
 
-def qubits_setting(args):
-    return {"qubits": args.qubits} if args.qubits is not None else {}
+def flag_settings(args):
+    """The settings the XXZ flags override (only those given)."""
+    return {name: getattr(args, name) for name in ("qubits", "gauge") if getattr(args, name) is not None}
 
 
 def main(argv=None):
-    return runner.main("xxz", __doc__, PRESETS, load, PARTS, argv, QUBITS_FLAG, qubits_setting, study_data)
+    return runner.main("xxz", __doc__, PRESETS, load, PARTS, argv, FLAGS, flag_settings, study_data)
 
 
 if __name__ == "__main__":

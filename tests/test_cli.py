@@ -53,6 +53,16 @@ def test_out_naming_an_existing_file_is_refused(tmp_path, capsys):
     assert target.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [target]
 
 
+def test_xxz_gauge_flag_sets_the_states_phase_and_is_recorded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_xxz("--gauge", "wobbly", "--out", str(tmp_path / "bad"))
+    assert stop.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    out = run_xxz("--preset", "smoke", "--parts", "phase", "--runs", "1", "--gauge", "sign", "--out", str(tmp_path / "s"))
+    gauges = {(line.split(",")[2], line.split(",")[1]) for line in read_lines(out / "phase.csv")[1:]}
+    assert ("qnn", "sign") in gauges and ("mlp", "fixed") in gauges  # the fixed-gauge MLP stays fixed
+    assert '"gauge": "sign"' in (out / "config.json").read_text()
+
+
 def test_xxz_qubits_out_of_range(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         run_xxz("--qubits", "3", "--out", str(tmp_path / "x"))
