@@ -9,6 +9,7 @@ Faults end in one line: bad input (exit 2, nothing written), Ctrl-C (130, the sa
 
 import argparse
 import copy
+import json
 import os
 import socket
 import sys
@@ -181,7 +182,7 @@ def _on_worker(settings, load, study_data, part, key, devices, fail_once_dir):
         if not marker.exists():
             marker.touch()
             os._exit(1)
-    cache_key = repr(sorted(settings.items()))
+    cache_key = json.dumps(settings, sort_keys=True)
     if cache_key not in _WORKER:
         boot(settings["dtype"], devices)
         _WORKER.clear()

@@ -98,6 +98,15 @@ def test_mlp_precision_follows_fidelity_item_j(tiny, study, precision, fid, dtyp
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)), name
 
 
+def test_item_k_gives_the_mlp_keras_adam_under_paper_and_optax_otherwise():
+    for stage in ("train", "unlearn"):
+        assert fidelity.PAPER.recipe("mlp", stage).optimizer is models.keras_adam
+        assert fidelity.CORRECTED.recipe("mlp", stage).optimizer is models.optax_adam
+        assert fidelity.PAPER.recipe("qnn", stage).optimizer is models.optax_adam  # the QNN was never Keras
+    before_k = {k: v for k, v in fidelity.PAPER.as_dict().items() if k != "mlp_optimizer"}
+    assert fidelity.Fidelity(**before_k).recipe("mlp", "train").optimizer is models.optax_adam
+
+
 def test_results_written_before_item_j_read_as_dtype_precision():
     """A config.json from before item j has no ``mlp_precision``: its MLPs followed --dtype, and still read so."""
     old = {k: v for k, v in fidelity.PAPER.as_dict().items() if k != "mlp_precision"}
