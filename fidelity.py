@@ -30,6 +30,7 @@ class Fidelity:
 
     def recipe(self, kind, stage):
         """How a model kind (``"qnn"``/``"mlp"``) trains at a stage (``"train"``/``"unlearn"``): items c, h and k."""
+        kind = TRAINS_AS[kind]
         base = TRAINING[self.qnn_training][kind][stage]
         if kind == "mlp":
             base = replace(base, optimizer=OPTIMIZERS[self.mlp_optimizer])
@@ -55,6 +56,7 @@ TRAINING = {
     "paper": {"qnn": _PAPER_QNN, "mlp": _ENGINE},
     "engine": {"qnn": _ENGINE, "mlp": _ENGINE},
 }
+TRAINS_AS = {"qnn": "qnn", "observable": "qnn", "mlp": "mlp"}  # the observables are the QNN's controls: its recipe
 OPTIMIZERS = {"keras": models.keras_adam, "optax": models.optax_adam}
 DIVERGENCES = {
     "one_sided": {"qnn": models.one_sided_kl, "mlp": models.keras_kl},

@@ -104,6 +104,9 @@ def kron_all(mats):
     return functools.reduce(jnp.kron, mats)
 
 
+ANSATZ_ANGLES = {"rzz": 4, "cnot": 2, "noent": 3}  # angles per qubit and layer
+
+
 @dataclass(frozen=True)
 class QNN:
     """The paper's quantum neural network on ``n_qubits`` with ``depth`` layers.
@@ -111,7 +114,9 @@ class QNN:
     ansatz "rzz" (the paper's classifier): each layer applies rx, ry, rx to every qubit, then
     rzz(theta) = exp(-i theta Z Z / 2) on every ring bond (i, i+1 mod n); params ``(depth, n, 4)``.
     ansatz "cnot" (the paper's Hessian study): rx, ry on every qubit, then CNOT(i, i+1 mod n) in order;
-    params ``(depth, n, 2)``. Output p(y=1|x) = sigmoid(5 <Z_{n-1}>), input = amplitude-encoded state.
+    params ``(depth, n, 2)``. ansatz "noent" (an ablation): the rzz layers' rotations without the ring, a product
+    circuit with no entanglement; params ``(depth, n, 3)``. Output p(y=1|x) = sigmoid(readout <Z_{n-1}>) (the
+    paper's readout 5), input = amplitude-encoded state.
 
     Speed: each layer is one small TensorCircuit circuit, traced once and scanned over layers (the scan is
     unrolled by XLA, which lets it fuse across layers). The single-qubit rotations of a block of
@@ -123,14 +128,15 @@ class QNN:
     depth: int
     ansatz: str = "rzz"
     group_size: int = 4
+    readout: float = 5.0
 
     def __post_init__(self):
-        if self.ansatz not in ("rzz", "cnot"):
-            raise ValueError(f"ansatz must be 'rzz' or 'cnot', got {self.ansatz!r}")
+        if self.ansatz not in ANSATZ_ANGLES:
+            raise ValueError(f"ansatz must be one of {', '.join(ANSATZ_ANGLES)}, got {self.ansatz!r}")
 
     @property
     def param_shape(self):
-        return (self.depth, self.n_qubits, 4 if self.ansatz == "rzz" else 2)
+        return (self.depth, self.n_qubits, ANSATZ_ANGLES[self.ansatz])
 
     def init(self, key):
         return 0.01 * jax.random.normal(key, self.param_shape, real_dtype())
@@ -141,7 +147,7 @@ class QNN:
     def _rotation(self, theta):
         """One qubit's gate: rx(theta[0]), then ry(theta[1]), then (rzz ansatz) rx(theta[2])."""
         u = tc.gates.ry(theta=theta[1]).tensor @ tc.gates.rx(theta=theta[0]).tensor
-        return tc.gates.rx(theta=theta[2]).tensor @ u if self.ansatz == "rzz" else u
+        return u if self.ansatz == "cnot" else tc.gates.rx(theta=theta[2]).tensor @ u
 
     def _layer(self, psi, theta):
         c = tc.Circuit(self.n_qubits, inputs=psi)
@@ -151,7 +157,7 @@ class QNN:
         if self.ansatz == "rzz":
             phase = -0.5 * (theta[:, 3] @ jnp.asarray(ring_zz_signs(self.n_qubits), theta.dtype))
             c.diagonal(*range(self.n_qubits), diag=jnp.exp(1j * phase))
-        else:
+        elif self.ansatz == "cnot":
             for i in range(self.n_qubits):
                 c.cnot(i, (i + 1) % self.n_qubits)
         return c.state(), None
@@ -163,7 +169,7 @@ class QNN:
         return jnp.sum(probs[:, 0] - probs[:, 1])
 
     def logits(self, params, xs):
-        return 5.0 * jax.vmap(self.expectation_z_last, in_axes=(None, 0))(params, xs)
+        return self.readout * jax.vmap(self.expectation_z_last, in_axes=(None, 0))(params, xs)
 
     def layers_from_output(self, params):
         """Each parameter's circuit layer counted from the output (0 = the last layer), shaped like ``params``."""
@@ -218,6 +224,81 @@ class MLP:
         return jax.nn.sigmoid(self.logits(params, xs))
 
 
+@dataclass(frozen=True)
+class DiagonalObservable:
+    """A bounded observable diagonal in the computational basis: logit = readout * sum_k tanh(v_k) |psi_k|^2
+    (2**n parameters v; ||O|| <= 1). A control for the QNN: what a bounded readout without a circuit does."""
+
+    dim: int
+    complex_inputs: bool = False
+    readout: float = 5.0
+
+    def init(self, key):
+        return 0.01 * jax.random.normal(key, (self.dim,), real_dtype())
+
+    def prepare(self, xs):
+        return jnp.asarray(np.asarray(xs), dtype=complex_dtype() if self.complex_inputs else real_dtype())
+
+    def operator(self, params):
+        return jnp.diag(jnp.tanh(params))
+
+    def logits(self, params, xs):
+        return self.readout * (jnp.abs(xs) ** 2) @ jnp.tanh(params)
+
+    def layers_from_output(self, params):
+        return jnp.zeros(params.shape, jnp.int32)
+
+    def apply(self, params, xs):
+        return jax.nn.sigmoid(self.logits(params, xs))
+
+
+@dataclass(frozen=True)
+class UnitaryObservable:
+    """The QNN's function class with every circuit restriction removed: logit = readout * <psi|V^dag Z_{n-1} V|psi>
+    for *any* unitary V (orthogonal for real inputs).
+
+    V^dag Z V = 2P - 1 with P the projector onto a half-dimensional subspace (Z's +1 eigenspace rotated by V), and
+    every such projector arises from some V. P is parametrised by a free (2**n, 2**(n-1)) matrix W (real, or its
+    real and imaginary parts for complex inputs) as the projector onto W's columns, P = W (W^dag W)^-1 W^dag: a
+    Grassmannian of dimension 4**n / 4 (real) carried by 4**n / 2 parameters. ``init`` starts at V = identity
+    (W = the basis states whose last qubit is 0) plus 0.01 noise, as the QNN starts near the identity circuit.
+    """
+
+    dim: int
+    complex_inputs: bool = False
+    readout: float = 5.0
+
+    def init(self, key):
+        shape = (2, self.dim, self.dim // 2) if self.complex_inputs else (self.dim, self.dim // 2)
+        start = np.zeros(shape, np.float64)
+        start[(0,) * self.complex_inputs + (np.arange(0, self.dim, 2), np.arange(self.dim // 2))] = 1.0
+        return jnp.asarray(start, real_dtype()) + 0.01 * jax.random.normal(key, shape, real_dtype())
+
+    def prepare(self, xs):
+        return jnp.asarray(np.asarray(xs), dtype=complex_dtype() if self.complex_inputs else real_dtype())
+
+    def _columns(self, params):
+        return params[0] + 1j * params[1] if self.complex_inputs else params
+
+    def operator(self, params):
+        w = self._columns(params)
+        projector = w @ jnp.linalg.solve(w.conj().T @ w, w.conj().T)
+        return 2 * projector - jnp.eye(self.dim, dtype=projector.dtype)
+
+    def logits(self, params, xs):
+        w = self._columns(params)
+        chol = jnp.linalg.cholesky(w.conj().T @ w)
+        coeffs = jax.scipy.linalg.solve_triangular(chol, w.conj().T @ xs.T, lower=True)  # ||P psi||^2 = ||coeffs||^2
+        inside = jnp.sum(jnp.abs(coeffs) ** 2, axis=0)
+        return self.readout * (2 * inside - jnp.sum(jnp.abs(xs) ** 2, axis=1))
+
+    def layers_from_output(self, params):
+        return jnp.zeros(params.shape, jnp.int32)
+
+    def apply(self, params, xs):
+        return jax.nn.sigmoid(self.logits(params, xs))
+
+
 def param_dtype(params):
     """The (real) dtype of a model's parameters: a run's learning rate and hyper-parameters are cast to it."""
     return jax.tree.leaves(params)[0].dtype
@@ -225,6 +306,11 @@ def param_dtype(params):
 
 def param_count(params):
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def trained_parameters(model):
+    """How many parameters a model trains (from the shapes of its initialisation; nothing is drawn)."""
+    return param_count(jax.eval_shape(model.init, jax.random.PRNGKey(0)))
 
 
 # ---------------------------------------------------------------------------- losses, metrics
@@ -301,12 +387,13 @@ def evaluate_sets(model, params, xs_list, ys_list):
 
 
 # ------------------------------------------------------------------------------------- engine
-def batched(order, batch_size):
+def batched(order, batch_size, steps=None):
     """Sample orders (groups, m) cut into fixed-shape minibatches: ``idx`` and ``mask`` (groups, steps, batch)
     and a per-step learning-rate ``scale`` (groups, steps). The last batch of a group is padded with masked
-    entries, so a partial batch compiles nothing new and weighs exactly its real samples (as Keras)."""
+    entries, so a partial batch compiles nothing new and weighs exactly its real samples (as Keras); ``steps``
+    pads further with empty steps (which change nothing), so that a subset's plan has a full set's shape."""
     groups, m = order.shape
-    steps = -(-m // batch_size)
+    steps = max(-(-m // batch_size), steps or 0)
     idx = np.zeros((groups, steps * batch_size), np.int32)
     idx[:, :m] = order
     mask = np.broadcast_to(np.arange(steps * batch_size) < m, idx.shape)
@@ -317,6 +404,22 @@ def batched(order, batch_size):
 def epoch_plan(rng, n, batch_size, epochs):
     """Minibatches reshuffled every epoch, one group per epoch (metrics can be recorded after each)."""
     return batched(np.stack([rng.permutation(n) for _ in range(epochs)]), batch_size)
+
+
+def stop_after(plan, epochs):
+    """An epoch plan whose groups after the first ``epochs`` are empty steps (which change nothing): training that
+    stops early in a program of the full schedule's shape."""
+    mask = plan["mask"].copy()
+    mask[epochs:] = False
+    return plan | {"mask": mask}
+
+
+def subset_plan(rng, rows, n, batch_size, epochs):
+    """:func:`epoch_plan` over the training rows ``rows`` only (indices into a set of ``n``), shaped as the plan
+    of all ``n`` rows: a held-out split or a cross-validation fold trains in the same program as the full set."""
+    rows = np.asarray(rows)
+    return batched(np.stack([rows[rng.permutation(len(rows))] for _ in range(epochs)]), batch_size,
+                   steps=-(-n // batch_size))
 
 
 def shuffle_buffer_order(rng, n, epochs, buffer):
@@ -383,7 +486,8 @@ def keras_adam(lr, eps):
 class Recipe:
     """How a model is trained: per-sample cross-entropy and divergence, the minibatch reduction, the optimiser
     (``optimizer(lr, eps)``: :func:`optax_adam` or :func:`keras_adam`) and its epsilon, and the minibatch order
-    (``"epochs"``: reshuffled every epoch; ``"stream"``: :func:`stream_plan`)."""
+    (``"epochs"``: reshuffled every epoch; ``"stream"``: :func:`stream_plan`). With ``weight_decay``, decoupled
+    weight decay (AdamW's: every step also subtracts lr * aux['weight_decay'] * params) of a per-run strength."""
 
     ce: object = bce
     kl: object = bernoulli_kl
@@ -392,6 +496,7 @@ class Recipe:
     adam_eps: float = KERAS_EPS
     order: str = "epochs"
     buffer: int = 128
+    weight_decay: bool = False
 
     def plan(self, rng, n, batch_size, epochs):
         if self.order == "stream":
@@ -416,10 +521,47 @@ def ce_loss(t, params, batch, mask, aux):
     return ce_term(t, t.model.logits(params, batch["x"]), batch["y"], mask)
 
 
+ROW_SCORES = {"flip_fit": "poisoned", "held_acc": "held"}
+"""Accuracies on a subset of the training rows, with the labels as trained, reported when ``aux`` carries the
+subset's 0/1 mask: ``flip_fit`` on the poisoned rows (how much of the poison the model fitted), ``held_acc`` on
+rows held out of training (early stopping, cross-validation)."""
+
+
 def fit_metrics(model, params, data, aux, shared):
-    """Accuracy on the training data as trained, and on the clean validation set (one forward pass)."""
+    """Accuracy on the training data as trained, and on the clean validation set (one forward pass), and each of
+    ``ROW_SCORES`` whose mask ``aux`` carries."""
     (train, val), _ = evaluate_sets(model, params, [data["x"], shared["x_val"]], [data["y"], shared["y_val"]])
-    return {"train_acc": jnp.mean(train), "val_acc": jnp.mean(val)}
+    rows = {name: masked_mean(train, aux[mask]) for name, mask in ROW_SCORES.items() if mask in aux}
+    return {"train_acc": jnp.mean(train), "val_acc": jnp.mean(val), **rows}
+
+
+def generalised_ce(logits, labels, q):
+    """Generalised cross-entropy (Zhang & Sabuncu 2018), (1 - p_y**q) / q per sample; q -> 0 is cross-entropy,
+    q = 1 the mean absolute error. Robust to label noise because a confidently wrong sample's gradient is bounded."""
+    log_p = jax.nn.log_sigmoid(jnp.where(labels > 0, logits, -logits))
+    safe_q = jnp.where(q > 0, q, 1.0)
+    return jnp.where(q > 0, -jnp.expm1(safe_q * log_p) / safe_q, -log_p)
+
+
+DEFENCE_AUX = {"weight_decay": "weight_decay", "label_smooth": "smooth", "gce": "gce_q"}
+"""Each strength-bearing label-noise defence and the ``aux`` entry that carries its strength."""
+
+
+def defence_aux(name, strength):
+    """The per-run strengths of :func:`defended_loss` and the decoupled weight decay for one recipe: ``name``'s
+    strength, 0 for every other defence (``"plain"`` and ``"early_stop"``: all 0)."""
+    return {key: np.float32(strength if name == defence else 0.0) for defence, key in DEFENCE_AUX.items()}
+
+
+def defended_loss(t, params, batch, mask, aux):
+    """The classical label-noise defences as one loss, their strengths per run in ``aux``: labels smoothed towards
+    1/2 by ``aux['smooth']`` (0: none), then generalised cross-entropy with ``aux['gce_q']`` (0: cross-entropy).
+    Decoupled weight decay is the recipe's (``Recipe.weight_decay``), early stopping a choice of epoch."""
+    logits = t.model.logits(params, batch["x"])
+    y = batch["y"].astype(logits.dtype)
+    soft = y * (1 - aux["smooth"]) + 0.5 * aux["smooth"]
+    per_sample = jnp.where(aux["gce_q"] > 0, generalised_ce(logits, y, aux["gce_q"]), bce(logits, soft))
+    return t.recipe.reduce(per_sample, mask)
 
 
 @dataclass(frozen=True)
@@ -449,7 +591,10 @@ def fit(trainer, params, data, plan, lr, aux, shared, record):
     for every run) is true, zeros elsewhere. Recording every epoch or only the last is thus one program.
     """
     model = trainer.model
-    opt = trainer.recipe.optimizer(jnp.asarray(lr, param_dtype(params)), trainer.recipe.adam_eps)
+    lr = jnp.asarray(lr, param_dtype(params))
+    opt = trainer.recipe.optimizer(lr, trainer.recipe.adam_eps)
+    if trainer.recipe.weight_decay:
+        opt = optax.chain(opt, optax.add_decayed_weights(-lr * aux["weight_decay"]))
     grad_fn = jax.grad(trainer.loss, argnums=1)
 
     def step(carry, s):
@@ -575,17 +720,19 @@ def map_runs(key, program, per_run, common=None, *, chunk=None):
     return jax.tree.map(lambda *parts: np.concatenate(parts), *out), compile_s, run_s
 
 
-def train_runs(trainer, params, data, plan, lr, *, aux=None, shared=None, every_epoch=False, chunk=None):
+def train_runs(trainer, params, data, plan, lr, *, aux=None, shared=None, every_epoch=False, record=None, chunk=None):
     """Train R independent runs at once; every per-run argument has a leading axis of length R.
 
     ``plan`` holds each run's minibatches (:func:`epoch_plan`, :func:`stream_plan`); ``lr`` is a scalar or an
     (R,) array; ``shared`` (validation data) is the same for all runs. See :func:`map_runs` for ``chunk``.
-    Metrics are those after the last epoch, or with ``every_epoch`` an epoch axis of one entry after each epoch
-    (the same compiled program: see :func:`fit`).
+    Metrics are those after the last epoch, or with ``every_epoch`` an epoch axis of one entry after each epoch,
+    or with ``record`` (a boolean per epoch) that axis with zeros after the epochs not recorded (the same compiled
+    program: see :func:`fit`).
     """
     lrs = np.broadcast_to(np.asarray(lr, real_dtype()), (len(plan["idx"]),))
     epochs = plan["idx"].shape[1]
-    record = np.arange(epochs) >= (0 if every_epoch else epochs - 1)
+    every_epoch = every_epoch or record is not None
+    record = np.arange(epochs) >= (0 if every_epoch else epochs - 1) if record is None else np.asarray(record)
     per_run = (params, data, plan, lrs, {} if aux is None else aux)
     (params, history), compile_s, run_s = map_runs(trainer, compiled_runs(trainer), per_run,
                                                    ({} if shared is None else shared, record), chunk=chunk)

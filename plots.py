@@ -12,7 +12,7 @@ import seaborn as sns
 
 ACC = "accuracy (fraction correct)"
 POISON_NAMES = {"label_flip": "label flipping", "feature_randomization": "feature randomisation"}
-MODEL_NAMES = {"qnn": "QNN", "mlp": "MLP"}
+MODEL_NAMES = {"qnn": "QNN", "mlp": "MLP", "observable": "observable"}
 
 
 def variant(df):
@@ -45,15 +45,27 @@ def phase_figure(df):
 
 
 def study_name(row):
-    return f"{MODEL_NAMES[row['model']]} {row['arch']}, {POISON_NAMES[row['poison']]} α={row['alpha']}"
+    recipe = "" if row.get("recipe", "plain") == "plain" else f" {row['recipe']}"
+    return f"{MODEL_NAMES[row['model']]} {row['arch']}{recipe}, {POISON_NAMES[row['poison']]} α={row['alpha']}"
 
 
-STUDY = ["model", "arch", "poison", "alpha"]
+STUDY = ["model", "arch", "recipe", "poison", "alpha"]
 
 
 def final_rows(unlearn):
     """The rows of each study's last unlearning epoch (studies may unlearn for different numbers of epochs)."""
     return unlearn[unlearn["epoch"] == unlearn.groupby(STUDY)["epoch"].transform("max")]
+
+
+def poison_removed(final, unlearn, start="finetune"):
+    """``final`` with ``poison_removed`` = 1 - forget_poison_acc / the teacher's: the fraction of the poison the
+    teacher held that a method removed (a teacher that never held the poison has nothing to remove). The teacher's
+    value is epoch 0 of ``start``, a method that begins at the teacher."""
+    keys = [*STUDY, "run"]
+    teacher = (unlearn[(unlearn["method"] == start) & (unlearn["epoch"] == 0)].set_index(keys)["forget_poison_acc"]
+               .rename("teacher_fpa"))
+    out = final.join(teacher, on=keys)
+    return out.assign(poison_removed=1 - out["forget_poison_acc"] / out["teacher_fpa"])
 
 
 def method_palette(names):
@@ -113,17 +125,17 @@ LOG_PARAMS = ("damping", "noise", "lr")
 def hparam_sweep_figure(df):
     """Each field method's final validation and poisoned-label forget accuracy against its key hyper-parameter,
     one panel per (method, model)."""
-    df = df[df["sweep"] == "hparam"]
-    panels = list(dict.fromkeys(zip(df["method"], df["model"], df["arch"], df["poison"])))
+    df = df[df["sweep"] == "hparam"].assign(study=lambda d: d.apply(study_name, axis=1))
+    panels = list(dict.fromkeys(zip(df["method"], df["study"])))
     fig, axes = plt.subplots(-(-len(panels) // 4) or 1, 4, figsize=(18, 3.8 * (-(-len(panels) // 4) or 1)),
                              squeeze=False)
-    for ax, (method, model, arch, poison) in zip(axes.flat, panels):
-        part = df[(df["method"] == method) & (df["model"] == model) & (df["arch"] == arch) & (df["poison"] == poison)]
+    for ax, (method, study) in zip(axes.flat, panels):
+        part = df[(df["method"] == method) & (df["study"] == study)]
         long = part.melt(id_vars=["value", "run"], value_vars=["val_acc", "forget_poison_acc"], var_name="metric",
                          value_name="accuracy")
         sns.lineplot(data=long, x="value", y="accuracy", hue="metric", marker="o", errorbar="sd", ax=ax)
         param = part["param"].iloc[0]
-        ax.set(title=f"{method}: {MODEL_NAMES[model]} {arch}, {POISON_NAMES[poison]}", ylabel=ACC, ylim=(-0.02, 1.02),
+        ax.set(title=f"{method}: {study}", ylabel=ACC, ylim=(-0.02, 1.02),
                xlabel=f"{param} (dimensionless)", xscale="log" if param in LOG_PARAMS else "linear")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
@@ -173,9 +185,87 @@ def audit_figure(df):
     return fig
 
 
-FIGURES = {"phase": {"phase": phase_figure}, "unlearn": {"unlearn": unlearn_figure},
+CRITICAL_ACC = 0.75  # the critical alpha: the first alpha where the mean validation accuracy falls below this
+
+
+def with_paper_models(controls, phase):
+    """The controls table with the paper's QNN and MLP from ``phase`` (recipe "paper") on the same poisons, gauges
+    and range of alpha, and each row's readable ``control`` name."""
+    if phase is not None:
+        keep = (phase["poison"].isin(set(controls["poison"])) & phase["gauge"].isin(set(controls["gauge"]))
+                & (phase["alpha"] <= controls["alpha"].max()))
+        paper = phase[keep].assign(recipe="paper", params=np.nan, choice="")
+        controls = pd.concat([paper, controls], ignore_index=True)
+    gauge = variant(controls).str.partition(",")[2]
+    return controls.assign(control=controls["model"] + " " + controls["arch"] + " " + controls["recipe"] + gauge)
+
+
+def controls_figure(df):
+    """Validation accuracy (clean) and the fitted fraction of the poison vs alpha for every control, mean +- std
+    over runs: one column per poison."""
+    poisons = [p for p in POISON_NAMES if p in set(df["poison"])]
+    names = list(dict.fromkeys(df["control"]))
+    palette = dict(zip(names, sns.color_palette("tab20", len(names))))
+    fig, axes = plt.subplots(2, len(poisons), figsize=(7 * len(poisons) + 3, 8), squeeze=False, sharex=True)
+    for j, poison in enumerate(poisons):
+        part = df[df["poison"] == poison]
+        for i, (metric, label) in enumerate((("val_acc", "validation accuracy (clean, fraction)"),
+                                             ("flip_fit", "poisoned rows fitted (flip_fit, fraction)"))):
+            ax = axes[i, j]
+            sns.lineplot(data=part, x="alpha", y=metric, hue="control", palette=palette, style="model",
+                         markers=True, errorbar="sd", ax=ax, legend=(i == 0 and j == len(poisons) - 1))
+            ax.set(title=POISON_NAMES[poison] if i == 0 else "", xlabel="poisoning ratio α", ylabel=label,
+                   ylim=(-0.02, 1.02))
+            ax.axhline(CRITICAL_ACC if metric == "val_acc" else 0.5, color="grey", lw=0.5, ls=":")
+    if axes[0, -1].get_legend():
+        sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def memorise_figure(df):
+    """Training accuracy reached on uniformly random labels vs the number of training states."""
+    df = df.assign(model_arch=df["model"] + " " + df["arch"] + " (" + df["params"].astype(str) + " parameters)")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    sns.lineplot(data=df, x="n_train", y="random_fit", hue="model_arch", markers=True, style="model_arch",
+                 errorbar="sd", ax=ax)
+    ax.set(xscale="log", xlabel="training states with random labels (count)",
+           ylabel="training accuracy on random labels (fraction)", ylim=(0.4, 1.02))
+    ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+    fig.tight_layout()
+    return fig
+
+
+def controls_summary(controls, memorise=None, *, alpha=0.3):
+    """One line per control: trained parameters, validation accuracy and flip_fit at ``alpha`` (mean +- std over
+    runs), the critical alpha, and the random labels fitted at the memorisation size nearest 20 and the largest."""
+    by = ["poison", "control"]
+    at = controls[np.isclose(controls["alpha"], alpha)].groupby(by, sort=False)
+    out = pd.DataFrame({"params": at["params"].first(),
+                        f"val_acc at α={alpha}": at["val_acc"].mean().round(3).astype(str) + " ± "
+                        + at["val_acc"].std().round(3).astype(str),
+                        f"flip_fit at α={alpha}": at["flip_fit"].mean().round(3)})
+    curve = controls.groupby([*by, "alpha"], sort=False)["val_acc"].mean().reset_index()
+    below = curve[curve["val_acc"] < CRITICAL_ACC].groupby(by, sort=False)["alpha"].min()
+    out["critical α"] = below.reindex(out.index)
+    if memorise is not None:  # the random-label test of each paper model and plain control
+        model_arch = [tuple(name.split(" ")[:2]) for name in out.index.get_level_values("control")]
+        plain = [name.split(" ")[2] in ("paper", "plain") for name in out.index.get_level_values("control")]
+        params = memorise.groupby(["model", "arch"])["params"].first()
+        out["params"] = out["params"].fillna(pd.Series([params.get(k, np.nan) for k in model_arch], out.index))
+        sizes = sorted(set(memorise["n_train"]))
+        for n in dict.fromkeys((min(sizes, key=lambda s: abs(s - 20)), max(sizes))):
+            fit = memorise[memorise["n_train"] == n].groupby(["model", "arch"])["random_fit"].mean()
+            out[f"random_fit n={n}"] = [fit.get(k, np.nan) if p else np.nan for k, p in zip(model_arch, plain)]
+    return out
+
+
+FIGURES = {"phase": {"phase": phase_figure}, "controls": {"controls": controls_figure},
+           "memorise": {"memorise": memorise_figure}, "unlearn": {"unlearn": unlearn_figure},
            "sweep": {"sweep": sweep_figure, "sweep_hparams": hparam_sweep_figure, "sweep_lr": lr_sweep_figure},
            "audit": {"audit": audit_figure}}
+PREPARE = {"controls": lambda df, out: with_paper_models(df, read_if_present(Path(out) / "phase.csv"))}
+"""A part whose figure reads more than its own table: how its table is completed (e.g. controls beside phase)."""
 
 
 def save(fig, folder, name):
@@ -192,11 +282,15 @@ def read_table(path):
     return pd.read_csv(path, keep_default_na=False, na_values=["nan", ""])
 
 
+def read_if_present(path):
+    return read_table(path) if Path(path).exists() else None
+
+
 def save_part_figure(out, part, csv_path):
     """Redraw the figures of one part of a results folder from its CSV; returns the first PNG path."""
     if part not in FIGURES or not Path(csv_path).exists():
         return None
-    df = read_table(csv_path)
+    df = PREPARE.get(part, lambda df, out: df)(read_table(csv_path), out)
     paths = [save(draw(df), Path(out) / "figures", name) for name, draw in FIGURES[part].items()]
     return paths[0]
 

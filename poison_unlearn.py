@@ -7,7 +7,7 @@ rows; which definitions a unit uses (the paper's or ours) comes from a ``fidelit
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,17 +39,27 @@ class Schedule:
     lr: float
 
 
+OBSERVABLES = {"diagonal": models.DiagonalObservable, "unitary": models.UnitaryObservable}
+QNN_VARIANTS = {"": {}, "cnot": {"ansatz": "cnot"}, "noent": {"ansatz": "noent"}, "scale20": {"readout": 20.0}}
+
+
 def build_model(kind, arch, dim, complex_inputs=False, *, mlp_precision=None):
-    """A model for inputs of length ``dim``: ``("qnn", "depth6")`` -> QNN on log2(dim) qubits
-    (``"depth5-cnot"``: the CNOT-ring ansatz); ``("mlp", "64-16")`` -> MLP on real features, in
-    ``mlp_precision`` (default: the process's)."""
+    """A model for inputs of length ``dim``: ``("qnn", "depth6")`` -> QNN on log2(dim) qubits (``"depth5-cnot"``:
+    the CNOT-ring ansatz; ``"depth6-noent"``: no rzz ring; ``"depth6-scale20"``: readout sigmoid(20 <Z>));
+    ``("mlp", "64-16")`` -> MLP on real features, in ``mlp_precision`` (default: the process's);
+    ``("observable", "diagonal" | "unitary")`` -> a trained bounded observable (``models.DiagonalObservable``,
+    ``models.UnitaryObservable``)."""
     if kind == "qnn":
-        depth, _, ansatz = arch.removeprefix("depth").partition("-")
-        return models.QNN(int(math.log2(dim)), int(depth), ansatz or "rzz")
+        depth, _, variant = arch.removeprefix("depth").partition("-")
+        if variant not in QNN_VARIANTS:
+            raise ValueError(f"unknown QNN variant {variant!r}; choose from {', '.join(QNN_VARIANTS)}")
+        return models.QNN(int(math.log2(dim)), int(depth), **QNN_VARIANTS[variant])
     if kind == "mlp":
         return models.MLP(tuple(int(h) for h in arch.split("-")), in_dim=2 * dim if complex_inputs else dim,
                           precision=mlp_precision)
-    raise ValueError(f"unknown model {kind!r}; choose 'qnn' or 'mlp'")
+    if kind == "observable":
+        return OBSERVABLES[arch](dim, complex_inputs)
+    raise ValueError(f"unknown model {kind!r}; choose 'qnn', 'mlp' or 'observable'")
 
 
 def model_for(ds, kind, arch, fid):
@@ -72,37 +82,43 @@ def as_float(value):
 
 
 def train_cells(model, sets, schedule, *, recipe, seed, draws, shared, aux=None, metrics=models.fit_metrics,
-                chunk=None):
+                loss=models.ce_loss, record=None, stop=None, chunk=None):
     """Train one model on several training sets ("cells", one run each) as one computation.
 
     The resilience sweeps, the teachers and the Hessian study all train this way. ``sets``: ``(xs, ys)`` per
-    cell; ``draws``: each cell's identity, from which its initialisation and minibatch order derive.
+    cell; ``draws``: each cell's identity, from which its initialisation and minibatch order derive; ``stop``:
+    per cell, the epochs it trains (the rest of the schedule's steps are empty; epoch-ordered plans only).
     """
     data = {"x": model.prepare(np.stack([s[0] for s in sets])), "y": jnp.asarray(np.stack([s[1] for s in sets]))}
     n = data["y"].shape[1]
     batch = schedule.batch or n
     params0 = models.init_runs(model, jnp.stack([models.unit_key(seed, "init", *d) for d in draws]))
-    plan = models.stack_plans([recipe.plan(models.unit_rng(seed, "order", *d), n, batch, schedule.epochs)
-                               for d in draws])
-    trainer = models.Trainer(model, metrics=metrics, batch_size=batch, recipe=recipe)
-    return models.train_runs(trainer, params0, data, plan, schedule.lr, aux=aux, shared=shared, chunk=chunk)
+    plans = [recipe.plan(models.unit_rng(seed, "order", *d), n, batch, schedule.epochs) for d in draws]
+    plan = models.stack_plans([models.stop_after(p, e) for p, e in zip(plans, stop)] if stop else plans)
+    trainer = models.Trainer(model, loss=loss, metrics=metrics, batch_size=batch, recipe=recipe)
+    return models.train_runs(trainer, params0, data, plan, schedule.lr, aux=aux, shared=shared, record=record,
+                             chunk=chunk)
 
 
 # ---------------------------------------------------------------------------------- resilience
 def resilience_unit(ds, kind, arch, poison, alphas, *, runs, schedule, seed, fid, chunk=None):
     """Train one model on every (alpha, run) of a poison at once; return phase.csv rows.
 
-    Rows: train accuracy on the poisoned set as trained, validation accuracy on the clean set.
+    Rows: train accuracy on the poisoned set as trained, validation accuracy on the clean set, and ``flip_fit``:
+    accuracy on the poisoned rows with their poisoned labels (how much of the poison the model fitted; NaN at 0).
     """
     model = model_for(ds, kind, arch, fid)
     cells = [(alpha, run) for alpha in alphas for run in range(runs)]
-    sets = [poisoned_copy(ds, poison, alpha, seed=seed, run=run, law=fid.feature_noise)[:2] for alpha, run in cells]
+    copies = [poisoned_copy(ds, poison, alpha, seed=seed, run=run, law=fid.feature_noise) for alpha, run in cells]
+    poisoned = np.stack([np.isin(np.arange(len(ds.ys)), idx) for _, _, idx in copies]).astype(np.float32)
     draws = [("phase", ds.name, ds.gauge, kind, arch, poison, alpha, run) for alpha, run in cells]
-    out = train_cells(model, sets, schedule, recipe=fid.recipe(kind, "train"), seed=seed, draws=draws,
-                      shared=shared_validation(model, ds), chunk=chunk)
+    out = train_cells(model, [c[:2] for c in copies], schedule, recipe=fid.recipe(kind, "train"), seed=seed,
+                      draws=draws, shared=shared_validation(model, ds), aux={"poisoned": poisoned}, chunk=chunk)
     return [{"dataset": ds.name, "gauge": ds.gauge, "model": kind, "arch": arch, "poison": poison,
              "alpha": alpha, "run": run, "train_acc": as_float(out.metrics["train_acc"][i]),
-             "val_acc": as_float(out.metrics["val_acc"][i])} for i, (alpha, run) in enumerate(cells)]
+             "val_acc": as_float(out.metrics["val_acc"][i]),
+             "flip_fit": as_float(out.metrics["flip_fit"][i]) if alpha > 0 else float("nan")}
+            for i, (alpha, run) in enumerate(cells)]
 
 
 # ---------------------------------------------------------------------------------- unlearning
@@ -116,14 +132,16 @@ class Study:
     alpha: float
     teacher: Schedule
     unlearn: Schedule
+    recipe: str = "plain"  # how the teacher trains: "plain", or "tuned" (the MLP's defence picked by cross-validation)
 
     @property
     def identity(self):
-        return (self.model, self.arch, self.poison, self.alpha)
+        """What the study's random draws derive from (a plain study's, as before recipes existed)."""
+        return (self.model, self.arch, self.poison, self.alpha) + (() if self.recipe == "plain" else (self.recipe,))
 
     def row(self, ds):
-        return {"dataset": ds.name, "model": self.model, "arch": self.arch, "poison": self.poison,
-                "alpha": self.alpha}
+        return {"dataset": ds.name, "model": self.model, "arch": self.arch, "recipe": self.recipe,
+                "poison": self.poison, "alpha": self.alpha}
 
 
 SCRUB_FORGET_INPUTS = {"clean": "forget_x", "poisoned": "forget_x_poisoned"}  # fidelity item d
@@ -148,20 +166,31 @@ def unlearning_inputs(model, ds, copies, teachers, fid):
     return inputs
 
 
-def train_teachers(ds, study, *, runs, seed, fid, shared_teacher, chunk=None):
+def teacher_count(runs, shared_teacher):
+    return 1 if shared_teacher else runs
+
+
+def train_teachers(ds, study, *, runs, seed, fid, shared_teacher, defences=None, chunk=None):
     """The poisoned teachers of R runs and each run's retain and forget arrays, as a ``methods.Population``.
 
     ``shared_teacher``: one teacher, on run 0's poison draw, for every run (the authors' studies: runs then differ
-    only in their unlearning draws); otherwise each run has its own poison draw and teacher.
+    only in their unlearning draws); otherwise each run has its own poison draw and teacher. ``defences``: per
+    teacher, the MLP's ``(defence, strength)`` to train with (``models.defended_loss``; early stopping stops after
+    ``strength`` epochs), or None for the plain recipe.
     """
     model = model_for(ds, study.model, study.arch, fid)
-    count = 1 if shared_teacher else runs
+    count = teacher_count(runs, shared_teacher)
     copies = [poisoned_copy(ds, study.poison, study.alpha, seed=seed, run=r, law=fid.feature_noise)
               for r in range(count)]
     draws = [("teacher", ds.name, ds.gauge, *study.identity, r) for r in range(count)]
     shared = shared_validation(model, ds)
-    out = train_cells(model, [c[:2] for c in copies], study.teacher, recipe=fid.recipe(study.model, "train"),
-                      seed=seed, draws=draws, shared=shared, chunk=chunk)
+    recipe, extra = fid.recipe(study.model, "train"), {}
+    if defences is not None:
+        recipe = replace(recipe, weight_decay=True)
+        extra = {"loss": models.defended_loss, "aux": models.stack_plans([models.defence_aux(*d) for d in defences]),
+                 "stop": [int(s) if name == "early_stop" else study.teacher.epochs for name, s in defences]}
+    out = train_cells(model, [c[:2] for c in copies], study.teacher, recipe=recipe, seed=seed, draws=draws,
+                      shared=shared, chunk=chunk, **extra)
     pick = np.zeros(runs, int) if shared_teacher else np.arange(runs)
     inputs = unlearning_inputs(model, ds, copies, out.params, fid)
     return methods.Population(model, models.take_runs(out.params, pick), models.take_runs(inputs, pick), shared,

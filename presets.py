@@ -66,3 +66,48 @@ SMOKE_LAYER = {  # seconds, for CI and the notebooks' self-check: shapes and plu
     "sweep": {"kl_w": [0.0, 0.5], "fo_w": [0.0, 0.5], "hparam_points": 2, "lr_factors": [1.0, 3.0]},
     "audit": {"shadows": 4, "relearn_epochs": 3},
 }
+
+
+# --------------------------------------------------------------------------- the controls of issue 21
+CV = {  # cross-validation on the poisoned training set: folds and the grids it chooses from
+    "folds": 5, "ridge": [1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0], "k": [1, 3, 5, 9, 15, 25, 45],
+    "C": [0.01, 0.1, 1.0, 10.0, 100.0], "weight_decay": [0.01, 0.1, 1.0], "label_smooth": [0.1, 0.2, 0.4],
+    "gce": [0.4, 0.7, 1.0], "stop_epochs": [5, 10, 20, 50],
+    "defaults": {"weight_decay": 0.1, "label_smooth": 0.1, "gce": 0.7},  # each defence's standalone strength
+}
+QUICK_CV = {"folds": 3, "ridge": [1e-3, 0.1, 10.0], "k": [1, 5, 15, 45], "C": [0.01, 1.0, 100.0],
+            "weight_decay": [], "label_smooth": [], "gce": [], "stop_epochs": [10, 30]}  # the defaults still compete
+
+
+def controls_table(*, qnn_arch, qnn, mlp, observable, deep, alphas, n_train, mlp_arch="64-16"):
+    """The controls of a study: the MLP's defences, the observables, the kernel, neighbours and linear baselines,
+    and the QNN's ablations (``deep``: the depth of the deep one). The costliest two, the unitary observable and
+    the deep QNN, are explicitly on ``alphas``, so that a preset can run them on fewer. ``fit`` names how each is fitted (``controls.FITS``); ``match``: the QNN whose parameter count
+    the linear model gets."""
+    return {
+        "mlp defences": {"model": "mlp", "arch": mlp_arch, "recipe": "defences", "fit": "defences", "schedule": mlp},
+        "meandiff": {"model": "observable", "arch": "meandiff", "recipe": "closed_form", "fit": "sklearn"},
+        "diagonal": {"model": "observable", "arch": "diagonal", "recipe": "plain", "fit": "trained",
+                     "schedule": observable},
+        "unitary": {"model": "observable", "arch": "unitary", "recipe": "plain", "fit": "trained",
+                    "schedule": observable, "alphas": alphas},
+        "kernel ridge": {"model": "kernel", "arch": "ridge", "recipe": "tuned", "fit": "sklearn"},
+        "knn k1": {"model": "knn", "arch": "k1", "recipe": "plain", "fit": "sklearn"},
+        "knn tuned": {"model": "knn", "arch": "tuned", "recipe": "tuned", "fit": "sklearn"},
+        "linear": {"model": "linear", "arch": "pca", "recipe": "tuned", "fit": "sklearn", "match": qnn_arch},
+        "qnn noent": {"model": "qnn", "arch": f"{qnn_arch}-noent", "recipe": "plain", "fit": "trained", "schedule": qnn},
+        "qnn scale20": {"model": "qnn", "arch": f"{qnn_arch}-scale20", "recipe": "plain", "fit": "trained",
+                        "schedule": qnn},
+        "qnn deep": {"model": "qnn", "arch": f"depth{deep}", "recipe": "plain", "fit": "trained", "schedule": qnn,
+                     "alphas": alphas},
+    }
+
+
+def memorise_table(*, qnn_arch, qnn, mlp, observable, deep, alphas, n_train, mlp_arch="64-16"):
+    """The models of the random-label test: the QNN and its deep ablation (explicitly on ``n_train``, so that a
+    preset can run it on fewer), the unitary observable, the MLP."""
+    return {"qnn": {"model": "qnn", "arch": qnn_arch, "recipe": "plain", "schedule": qnn},
+            "qnn deep": {"model": "qnn", "arch": f"depth{deep}", "recipe": "plain", "schedule": qnn,
+                         "n_train": n_train},
+            "unitary": {"model": "observable", "arch": "unitary", "recipe": "plain", "schedule": observable},
+            "mlp": {"model": "mlp", "arch": mlp_arch, "recipe": "plain", "schedule": mlp}}

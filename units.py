@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 import audit
+import controls
 import fidelity
 import hessian
 import methods
@@ -46,9 +47,12 @@ class Context:
             self._data[gauge] = self.load(self.settings, gauge)
         return self._data[gauge]
 
-    def studies(self):
+    def studies(self, swept=False):
+        """The unlearning studies (``swept``: only those the sweep part covers; a study without a ``sweep`` field,
+        as the paper's, is swept)."""
         return [pu.Study(s["model"], s["arch"], s["poison"], s["alpha"], pu.Schedule(**s["teacher"]),
-                         pu.Schedule(**s["unlearn"])) for s in self.settings["unlearn"]["studies"].values()]
+                         pu.Schedule(**s["unlearn"]), s.get("recipe", "plain"))
+                for s in self.settings["unlearn"]["studies"].values() if s.get("sweep", True) or not swept]
 
     def study_dataset(self, study):
         return self.study_data(self.data(), study, self.fid)
@@ -58,9 +62,21 @@ class Context:
         shared = self.fid.teachers == "shared" if shared_teacher is None else shared_teacher
         key = (study, runs or self.runs, shared)
         if key not in self._populations:
-            self._populations[key] = pu.train_teachers(self.study_dataset(study), study, runs=key[1], seed=self.seed,
-                                                       fid=self.fid, shared_teacher=shared, chunk=self.chunk)
+            ds = self.study_dataset(study)
+            defences = TEACHER_RECIPES[study.recipe](self, ds, study, pu.teacher_count(key[1], shared))
+            self._populations[key] = pu.train_teachers(ds, study, runs=key[1], seed=self.seed, fid=self.fid,
+                                                       shared_teacher=shared, defences=defences, chunk=self.chunk)
         return self._populations[key]
+
+
+def tuned_teachers(ctx, ds, study, count):
+    """Each teacher's defence, picked by cross-validation on its poisoned set (the controls' grid)."""
+    return controls.tuned_choices(ds, study, runs=count, seed=ctx.seed, fid=ctx.fid,
+                                  cv_cfg=ctx.settings["controls"]["cv"], chunk=ctx.chunk)
+
+
+TEACHER_RECIPES = {"plain": lambda ctx, ds, study, count: None, "tuned": tuned_teachers}
+"""How a study's teachers train (its ``recipe``): the model's own recipe, or the MLP's cross-validated defence."""
 
 
 def mean_by(rows, column, metric):
@@ -115,7 +131,7 @@ def _unlearn(ctx, study):
                                      method_names=ctx.settings["methods"], seed=ctx.seed, fid=ctx.fid,
                                      chunk=ctx.chunk)
     final = [r for r in rows if r["epoch"] == study.unlearn.epochs]
-    timings = {f"{study.model} {study.arch} {study.poison} {m}": {"run_s": round(o.run_s, 3),
+    timings = {f"{study.model} {study.arch} {study.recipe} {study.poison} {m}": {"run_s": round(o.run_s, 3),
                                                                    "compile_s": round(o.compile_s, 2)}
                for m, o in outcomes.items()}
     return Done(rows, "final val_acc " + mean_by(final, "method", "val_acc") + "; forget_poison_acc "
@@ -123,14 +139,14 @@ def _unlearn(ctx, study):
 
 
 def study_key(ctx, study):
-    return {"dataset": ctx.settings["dataset"], "model": study.model, "arch": study.arch, "poison": study.poison,
-            "alpha": study.alpha}
+    return {"dataset": ctx.settings["dataset"], "model": study.model, "arch": study.arch, "recipe": study.recipe,
+            "poison": study.poison, "alpha": study.alpha}
 
 
 def study_units(ctx, work):
     """One unit per unlearning study, running ``work(ctx, study=...)``."""
-    return [Unit(study_key(ctx, s), f"{s.model} {s.arch} {s.poison} alpha={s.alpha}", functools.partial(work, study=s))
-            for s in ctx.studies()]
+    return [Unit(study_key(ctx, s), f"{s.model} {s.arch} {s.recipe} {s.poison} alpha={s.alpha}",
+                 functools.partial(work, study=s)) for s in ctx.studies()]
 
 
 def unlearn_units(ctx):
@@ -173,11 +189,11 @@ def pick(grid, count):
 def sweep_units(ctx):
     """One unit per (study, method, sweep line): one compiled computation over the line's values and runs."""
     units = []
-    for study in ctx.studies():
+    for study in ctx.studies(swept=True):
         for method, sweep, param, values, fixed in sweep_plan(ctx.settings, study):
             kl_w = fixed.get("kl_w", methods.METHODS[method].hparams.get("kl_w", float("nan")))
             key = study_key(ctx, study) | {"method": method, "sweep": sweep, "kl_w": float(kl_w)}
-            units.append(Unit(key, f"{study.model} {study.poison} {method} {sweep} {param}"
+            units.append(Unit(key, f"{study.model} {study.arch} {study.recipe} {study.poison} {method} {sweep} {param}"
                               + (f" kl_w={kl_w}" if sweep == "weights" else ""),
                               functools.partial(_sweep, study=study, method=method, sweep=sweep, param=param,
                                                 values=values, fixed=fixed)))
@@ -191,12 +207,47 @@ def _audit(ctx, study):
                                      method_names=ctx.settings["methods"], folds=cfg["folds"],
                                      relearn_cap=cfg["relearn_epochs"], seed=ctx.seed, fid=ctx.fid, chunk=ctx.chunk)
     return Done(rows, "mia_auc " + mean_by(rows, "method", "mia_auc") + "; ulira_acc "
-                + mean_by(rows, "method", "ulira_acc"), {f"audit {study.model} {study.arch} {study.poison}": seconds})
+                + mean_by(rows, "method", "ulira_acc"), {f"audit {study.model} {study.arch} {study.recipe} {study.poison}": seconds})
 
 
 def audit_units(ctx):
     """One unit per study: K shadow runs of teacher, oracle retrain and every method, then the attacks."""
     return study_units(ctx, _audit)
+
+
+def _controls(ctx, spec, gauge, poison):
+    cfg = ctx.settings["controls"]
+    rows = controls.FITS[spec["fit"]](ctx.data(gauge), spec, poison, spec.get("alphas", cfg["alphas"]), runs=ctx.runs,
+                                      seed=ctx.seed, fid=ctx.fid, cv_cfg=cfg["cv"], chunk=ctx.chunk)
+    return Done(rows, "val_acc by alpha " + mean_by(rows, "alpha", "val_acc"))
+
+
+def controls_units(ctx):
+    """One unit per (control, gauge, poison): every alpha and run (and, for the MLP's defences, every recipe)."""
+    units, cfg = [], ctx.settings["controls"]
+    for spec in cfg["models"].values():
+        gauge = spec.get("gauge", ctx.settings["gauge"])
+        arch = controls.control_arch(ctx.data(gauge), spec, cfg["cv"])
+        for poison in spec.get("poisons", cfg["poisons"]):
+            key = {"dataset": ctx.settings["dataset"], "gauge": gauge, "model": spec["model"], "arch": arch,
+                   "poison": poison}
+            units.append(Unit(key, f"{spec['model']} {arch} {spec['recipe']} {gauge} {poison}",
+                              functools.partial(_controls, spec=spec, gauge=gauge, poison=poison)))
+    return units
+
+
+def _memorise(ctx, spec):
+    cfg = ctx.settings["memorise"]
+    rows = controls.memorise_unit(ctx.data(), spec, n_trains=spec.get("n_train", cfg["n_train"]), runs=ctx.runs,
+                                  factor=cfg["factor"], seed=ctx.seed, fid=ctx.fid, chunk=ctx.chunk)
+    return Done(rows, "random_fit by n_train " + mean_by(rows, "n_train", "random_fit"))
+
+
+def memorise_units(ctx):
+    """One unit per model of the memorisation test: every n_train, run and the two epoch budgets."""
+    return [Unit({"dataset": ctx.settings["dataset"], "model": spec["model"], "arch": spec["arch"]},
+                 f"{spec['model']} {spec['arch']}", functools.partial(_memorise, spec=spec))
+            for spec in ctx.settings["memorise"]["models"].values()]
 
 
 def _hessian(ctx, spec):
@@ -225,10 +276,15 @@ class Part:
         return tuple(str(key[c]) for c in self.key_columns)
 
 
-STUDY = ("dataset", "model", "arch", "poison", "alpha")
+STUDY = ("dataset", "model", "arch", "recipe", "poison", "alpha")
 PARTS = {
     "phase": Part("phase.csv", ("dataset", "gauge", "model", "arch", "poison", "alpha", "run", "train_acc",
-                                "val_acc"), ("dataset", "gauge", "model", "arch", "poison"), phase_units),
+                                "val_acc", "flip_fit"), ("dataset", "gauge", "model", "arch", "poison"), phase_units),
+    "controls": Part("controls.csv", ("dataset", "gauge", "model", "arch", "recipe", "params", "poison", "alpha", "run",
+                                      "train_acc", "val_acc", "flip_fit", "choice"),
+                     ("dataset", "gauge", "model", "arch", "poison"), controls_units),
+    "memorise": Part("memorise.csv", ("dataset", "model", "arch", "recipe", "params", "n_train", "run", "random_fit",
+                                      "epochs"), ("dataset", "model", "arch"), memorise_units),
     "unlearn": Part("unlearn.csv", (*STUDY, "method", "run", "epoch", "train_acc", "val_acc", "retain_acc",
                                     "forget_acc", "forget_poison_acc", "oracle_agree"), STUDY, unlearn_units),
     "sweep": Part("sweep.csv", (*STUDY, "method", "sweep", "param", "value", "kl_w", "fo_w", "lr", "run", "val_acc",

@@ -30,10 +30,10 @@ def dense_expectation(params, psi, ansatz):
     for theta in params:
         for i in range(n):
             gate = rotation(Y, theta[i, 1]) @ rotation(X, theta[i, 0])
-            if ansatz == "rzz":
+            if ansatz in ("rzz", "noent"):
                 gate = rotation(X, theta[i, 2]) @ gate
             psi = on_qubit(gate, i, n) @ psi
-        for i in range(n):
+        for i in range(n if ansatz != "noent" else 0):  # noent: single-qubit gates alone
             j = (i + 1) % n
             if ansatz == "rzz":
                 zz = on_qubit(Z, i, n) @ on_qubit(Z, j, n)
@@ -49,7 +49,7 @@ def random_states(rng, num, dim):
     return psi / np.linalg.norm(psi, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("ansatz", ["rzz", "cnot"])
+@pytest.mark.parametrize("ansatz", ["rzz", "cnot", "noent"])
 @pytest.mark.parametrize("dtype,tol", [("complex64", 2e-5), ("complex128", 1e-12)])
 @pytest.mark.parametrize("n,group_size", [(5, 2), (6, 5), (4, 4)])
 def test_qnn_matches_dense_statevector(ansatz, dtype, tol, n, group_size, rng, precision):
@@ -189,6 +189,24 @@ def test_empty_step_changes_nothing():
     gapped["mask"][:, 1] = False
     later = models.train_runs(trainer, params, data, gapped, 0.1, shared={"x_val": data["x"][0], "y_val": data["y"][0]})
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), full.params, later.params)
+
+
+def test_a_plan_stopped_after_k_epochs_trains_as_k_epochs_and_a_subset_plan_draws_only_its_rows():
+    model = models.MLP((3,), in_dim=4)
+    rng = np.random.default_rng(0)
+    data = {"x": jnp.asarray(rng.normal(size=(1, 8, 4)), jnp.float32), "y": jnp.asarray(rng.integers(0, 2, (1, 8)))}
+    params = models.init_runs(model, jax.random.split(jax.random.PRNGKey(0), 1))
+    shared = {"x_val": data["x"][0], "y_val": data["y"][0]}
+    trainer = models.Trainer(model, batch_size=4)
+    five = models.epoch_plan(np.random.default_rng(1), 8, 4, 5)
+    two = models.epoch_plan(np.random.default_rng(1), 8, 4, 2)  # the same first two epochs
+    stopped = models.train_runs(trainer, params, data, models.stack_plans([models.stop_after(five, 2)]), 0.1,
+                                shared=shared)
+    short = models.train_runs(trainer, params, data, models.stack_plans([two]), 0.1, shared=shared)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), stopped.params, short.params)
+    subset = models.subset_plan(np.random.default_rng(2), [1, 4, 6], 8, 4, 3)
+    assert subset["idx"].shape == five["idx"][:3].shape  # the full set's shape, two steps per epoch
+    assert set(subset["idx"][subset["mask"]]) == {1, 4, 6} and subset["mask"].sum() == 9
 
 
 def test_losses_and_divergences_by_hand():

@@ -6,7 +6,7 @@ from conftest import ROOT
 from nbclient import NotebookClient
 
 
-@pytest.mark.parametrize("name,folder,figures", [("test_mnist.ipynb", "mnist", 10), ("test_xxz.ipynb", "xxz", 7),
+@pytest.mark.parametrize("name,folder,figures", [("test_mnist.ipynb", "mnist", 12), ("test_xxz.ipynb", "xxz", 9),
                                                   ("heissian.ipynb", "mnist", 2)])
 def test_notebook_executes_and_draws(name, folder, figures, smoke_results, monkeypatch):
     base, _ = smoke_results
