@@ -248,9 +248,9 @@ def controls_summary(controls, memorise=None, *, alpha=0.3):
     curve = controls.groupby([*by, "alpha"], sort=False)["val_acc"].mean().reset_index()
     below = curve[curve["val_acc"] < CRITICAL_ACC].groupby(by, sort=False)["alpha"].min()
     out["critical α"] = below.reindex(out.index)
-    if memorise is not None:  # the random-label test of each paper model and plain control
+    if memorise is not None:  # the random-label test of each paper model and plain control (in the study's gauge)
         model_arch = [tuple(name.split(" ")[:2]) for name in out.index.get_level_values("control")]
-        plain = [name.split(" ")[2] in ("paper", "plain") for name in out.index.get_level_values("control")]
+        plain = [name.split(" ")[2:] in (["paper"], ["plain"]) for name in out.index.get_level_values("control")]
         params = memorise.groupby(["model", "arch"])["params"].first()
         out["params"] = out["params"].fillna(pd.Series([params.get(k, np.nan) for k in model_arch], out.index))
         sizes = sorted(set(memorise["n_train"]))
