@@ -67,7 +67,7 @@ def operator_norm_barrier(xs, ys, margin=1.0):
 
 
 # -------------------------------------------------------------------------------- the cells
-def cell_folds(seed, ds, poison, alpha, run, ys, folds):
+def cell_folds(seed, ds, poison, alpha, run, folds):
     """The cross-validation folds of one cell (alpha, run): stratified on the poisoned labels, from the seed."""
     rs = models.unit_seed(seed, "folds", ds.name, poison, alpha, run) % 2**32
     return StratifiedKFold(folds, shuffle=True, random_state=rs)
@@ -161,7 +161,7 @@ def sklearn_unit(ds, spec, poison, alphas, *, runs, seed, fid, cv_cfg, chunk=Non
            "pca": lambda *a: fit_linear(*a, components=pca_components(ds, spec, cv_cfg["folds"]))}[spec["arch"]]
     rows = []
     for (alpha, run), (xs, ys, idx) in cells_of(ds, poison, alphas, runs=runs, seed=seed, fid=fid):
-        cv = cell_folds(seed, ds, poison, alpha, run, ys, cv_cfg["folds"])
+        cv = cell_folds(seed, ds, poison, alpha, run, cv_cfg["folds"])
         pred_train, pred_val, choice, params = fit(xs, ys, ds.xs_val, cv, cv_cfg)
         rows.append(control_row(ds, spec, poison, alpha, run, arch=control_arch(ds, spec, cv_cfg), params=params,
                                 choice=choice)
@@ -218,7 +218,7 @@ def defence_trainings(ds, spec, poison, alphas, *, runs, seed, fid, cv_cfg, chun
     trained = [c for c in candidates(cv_cfg) if c[0] != "early_stop"]
     cells, sets, plans, auxes, draws = [], [], [], [], []
     for (alpha, run), (xs, ys, idx) in cells_of(ds, poison, alphas, runs=runs, seed=seed, fid=fid):
-        splits = [*cell_folds(seed, ds, poison, alpha, run, ys, folds).split(xs, ys), (np.arange(n), np.arange(0))]
+        splits = [*cell_folds(seed, ds, poison, alpha, run, folds).split(xs, ys), (np.arange(n), np.arange(0))]
         for recipe in trained:
             for split, (fit_rows, held_rows) in enumerate(splits):
                 draw = ("defence", ds.name, ds.gauge, spec["arch"], poison, alpha, run, *recipe, split)
