@@ -195,8 +195,7 @@ def candidates(cfg):
 
 
 def row_masks(n, idx, held):
-    return {"poisoned": np.isin(np.arange(n), idx).astype(np.float32),
-            "held": np.isin(np.arange(n), held).astype(np.float32)}
+    return {"poisoned": pu.row_mask(n, idx), "held": pu.row_mask(n, held)}
 
 
 DEFENCE_CHUNK = 64
@@ -350,7 +349,7 @@ def memorise_unit(ds, spec, *, n_trains, runs, factor, seed, fid, chunk=None):
                 "y": np.stack([pad_rows(sets[n][run][1], width) for n, run in cells])}
         plans = [models.subset_plan(models.unit_rng(seed, "order", *d), np.arange(n), width, width // steps,
                                     budgets[1]) for d, (n, _) in zip(draws, cells)]
-        real = np.stack([np.arange(width) < n for n, _ in cells]).astype(np.float32)
+        real = np.stack([pu.row_mask(width, np.arange(n)) for n, _ in cells])
         out = models.train_runs(models.Trainer(model, batch_size=width // steps, recipe=recipe),
                                 models.init_runs(model, np.stack([models.unit_key(seed, "init", *d) for d in draws])),
                                 data, models.stack_plans(plans), sched.lr, aux={"poisoned": real},

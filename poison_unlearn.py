@@ -73,6 +73,11 @@ def poisoned_copy(ds, poison, alpha, *, seed, run, law="haar"):
     return datar.poison(ds.xs, ds.ys, poison, alpha, rng, law=law, dim=ds.raw_dim)
 
 
+def row_mask(n, rows):
+    """A 0/1 float mask over ``n`` training rows, 1 on ``rows`` (poisoned, held-out or real rows)."""
+    return np.isin(np.arange(n), rows).astype(np.float32)
+
+
 def shared_validation(model, ds):
     return {"x_val": model.prepare(ds.xs_val), "y_val": jnp.asarray(ds.ys_val)}
 
@@ -110,7 +115,7 @@ def resilience_unit(ds, kind, arch, poison, alphas, *, runs, schedule, seed, fid
     model = model_for(ds, kind, arch, fid)
     cells = [(alpha, run) for alpha in alphas for run in range(runs)]
     copies = [poisoned_copy(ds, poison, alpha, seed=seed, run=run, law=fid.feature_noise) for alpha, run in cells]
-    poisoned = np.stack([np.isin(np.arange(len(ds.ys)), idx) for _, _, idx in copies]).astype(np.float32)
+    poisoned = np.stack([row_mask(len(ds.ys), idx) for _, _, idx in copies])
     draws = [("phase", ds.name, ds.gauge, kind, arch, poison, alpha, run) for alpha, run in cells]
     out = train_cells(model, [c[:2] for c in copies], schedule, recipe=fid.recipe(kind, "train"), seed=seed,
                       draws=draws, shared=shared_validation(model, ds), aux={"poisoned": poisoned}, chunk=chunk)
