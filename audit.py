@@ -160,17 +160,20 @@ def audit_unit(ds, study, pop, *, method_names, folds, relearn_cap, seed, fid, c
         np.put_along_axis(out, np.asarray(x["forget_idx"]), phi, axis=1)
         return out
 
-    def describe(params):
-        forget_logits, phi = confidences(model, params, x["trained_x"], x["trained_y"])
-        val_logits = np.asarray(models.run_logits(model, shared_inputs=True)(params, pop.shared["x_val"]))
+    def describe(params, salt):  # on a device, each (state, run) measures the forget set afresh; runs share val's
+        forget_x = models.redraw_runs(models.redraw(x["trained_x"], salt))
+        forget_logits, phi = confidences(model, params, forget_x, x["trained_y"])
+        val_x = models.redraw(pop.shared["x_val"], salt)
+        val_logits = np.asarray(models.run_logits(model, shared_inputs=True)(params, val_x))
         return {"forget": forget_logits, "phi": spread(phi), "val": val_logits,
                 "fpa": ((forget_logits > 0) == (np.asarray(x["trained_y"]) > 0)).mean(axis=1)}
 
-    ref = describe(oracle.params)
-    teacher = describe(pop.params)
+    ref = describe(oracle.params, 1)
+    teacher = describe(pop.params, 2)
     y_val = np.asarray(ds.ys_val)
     rows = []
-    states = [("teacher", teacher, None)] + [(name, describe(o.params), o) for name, o in outcomes.items()]
+    states = [("teacher", teacher, None)] + [(name, describe(o.params, 3 + k), o)
+                                             for k, (name, o) in enumerate(outcomes.items())]
     for name, state, outcome in states:
         acc, auc = ulira(np.nan_to_num(state["phi"]), np.nan_to_num(ref["phi"]), member, folds=folds)
         if outcome is None:

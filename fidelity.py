@@ -27,6 +27,7 @@ class Fidelity:
     mnist_selection: str  # i: "first" (first 250 of each digit) | "seeded"
     mlp_precision: str = "dtype"  # j: "float32" (Keras' floatx, whatever --dtype) | "dtype" (results before j)
     mlp_optimizer: str = "optax"  # k: "keras" (Keras' Adam, epsilon before bias correction) | "optax" (before k)
+    device: models.Device = models.Device()  # how QNNs are measured (--noise, --shots): config.json's "device"
 
     def recipe(self, kind, stage):
         """How a model kind (``"qnn"``/``"mlp"``) trains at a stage (``"train"``/``"unlearn"``): items c, h and k."""
@@ -42,7 +43,13 @@ class Fidelity:
         return None if self.mlp_precision == "dtype" else self.mlp_precision
 
     def as_dict(self):
-        return asdict(self)
+        """The definitions (config.json's "fidelity"; the device is recorded apart)."""
+        return {k: v for k, v in asdict(self).items() if k != "device"}
+
+
+def from_settings(settings):
+    """The fidelity of a run's settings, measuring its QNNs on the settings' device."""
+    return replace(Fidelity(**settings["fidelity"]), device=models.Device(**settings["device"]))
 
 
 _PAPER_QNN = {"train": models.Recipe(ce=models.probability_ce, reduce=models.masked_sum, adam_eps=1e-8,

@@ -86,8 +86,9 @@ def retain_loss(t, params, batch, mask, aux):
 def _with_forget_logits(t, params, batch, forget_x):
     """Logits of the minibatch and of the whole forget set in one forward pass: one circuit to compile, not two
     (the QNN programs of SCRUB, gradient ascent and NegGrad+ compile 30-45% faster)."""
-    logits = t.model.logits(params, jnp.concatenate([batch["x"], forget_x]))
-    return logits[: batch["x"].shape[0]], logits[batch["x"].shape[0]:]
+    logits = t.model.logits(params, models.concat_rows([batch["x"], forget_x]))
+    rows = models.rows_of(batch["x"])
+    return logits[:rows], logits[rows:]
 
 
 def scrub_loss(t, params, batch, mask, aux):
@@ -251,7 +252,7 @@ def _joined(pop, forget):
             "t": (x["retain_t"], x["trained_t"]),
             "f": (jnp.zeros_like(x["retain_y"]), jnp.ones_like(x["trained_y"]))}
     rows |= {k: (rows[k][0], v) for k, v in forget.items()}
-    return {k: jnp.concatenate(pair, axis=1) for k, pair in rows.items()}
+    return {k: models.concat_rows(pair, axis=1) for k, pair in rows.items()}
 
 
 def _rows_relabelled(pop, rng_of):
@@ -338,7 +339,7 @@ def minmax_plan(rng, n_retain, n_forget, batch_size, epochs, msteps, forget_lr):
     early = (np.arange(epochs) < msteps)[:, None, None]
     forget_part = {"idx": np.pad(forget["idx"] + n_retain, ((0, 0), (0, 0), (0, pad))),
                    "mask": np.pad(forget["mask"] & early, ((0, 0), (0, 0), (0, pad))),
-                   "scale": forget["scale"] * forget_lr}
+                   "scale": forget["scale"] * forget_lr, "draw": forget["draw"]}
     return {k: np.concatenate([forget_part[k], retain[k]], axis=1) for k in retain}
 
 

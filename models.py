@@ -150,8 +150,11 @@ class QNN:
         return u if self.ansatz == "cnot" else tc.gates.rx(theta=theta[2]).tensor @ u
 
     def _layer(self, psi, theta):
+        return self.apply_layer(psi, self.rotation_gates(theta), theta), None
+
+    def apply_layer(self, psi, rots, theta):
+        """One layer on the state ``psi``: the single-qubit gates ``rots`` (n, 2, 2), then the entangler of ``theta``."""
         c = tc.Circuit(self.n_qubits, inputs=psi)
-        rots = jax.vmap(self._rotation)(theta)
         for group in qubit_groups(self.n_qubits, self.group_size):
             c.any(*group, unitary=kron_all([rots[i] for i in group]))
         if self.ansatz == "rzz":
@@ -160,16 +163,19 @@ class QNN:
         elif self.ansatz == "cnot":
             for i in range(self.n_qubits):
                 c.cnot(i, (i + 1) % self.n_qubits)
-        return c.state(), None
+        return c.state()
 
     def expectation_z_last(self, params, psi):
         """<Z_{n-1}> of the circuit applied to one input state ``psi`` (length 2**n)."""
         psi, _ = jax.lax.scan(self._layer, psi, params, unroll=True)  # one layer traced, unrolled by XLA
-        probs = jnp.abs(psi.reshape(-1, 2)) ** 2
-        return jnp.sum(probs[:, 0] - probs[:, 1])
+        return z_last(psi)
 
     def logits(self, params, xs):
         return self.readout * jax.vmap(self.expectation_z_last, in_axes=(None, 0))(params, xs)
+
+    def rotation_gates(self, theta):
+        """Each qubit's single-qubit gate of a layer, (n, 2, 2)."""
+        return jax.vmap(self._rotation)(theta)
 
     def layers_from_output(self, params):
         """Each parameter's circuit layer counted from the output (0 = the last layer), shaped like ``params``."""
@@ -177,6 +183,12 @@ class QNN:
 
     def apply(self, params, xs):
         return jax.nn.sigmoid(self.logits(params, xs))
+
+
+def z_last(psi):
+    """<Z> of the last qubit (the least significant bit) in the state ``psi``."""
+    probs = jnp.abs(psi.reshape(-1, 2)) ** 2
+    return jnp.sum(probs[:, 0] - probs[:, 1])
 
 
 @dataclass(frozen=True)
@@ -299,6 +311,202 @@ class UnitaryObservable:
         return jax.nn.sigmoid(self.logits(params, xs))
 
 
+# ------------------------------------------------------------------------------------- on a device
+NOISE_PROFILES = {"none": (0.0, 0.0, 0.0), "device": (2e-4, 3e-3, 1.5e-2), "device10": (2e-3, 3e-2, 1.5e-1)}
+"""(p1, p2, r) of a named device: 'device' a current superconducting processor (single-qubit gate error 2e-4,
+two-qubit 3e-3, readout 1.5e-2), 'device10' ten times worse."""
+NOISE_LIMITS = {"p1": 1.0, "p2": 1.0, "r": 0.5}
+SHOT_GRADIENTS = ("surrogate", "parameter_shift")
+PAULI = np.array([[[1, 0], [0, 1]], [[0, 1], [1, 0]], [[1, 0], [0, -1]], [[0, -1], [1, 0]]])
+"""I, X, Z, XZ (= -iY): index k has X-bit k & 1 and Z-bit k >> 1, so a product of Paulis is, up to a global phase,
+the Pauli of the XOR of their indices."""
+
+
+def noise_levels(spec):
+    """(p1, p2, r) of a ``--noise`` value: a profile name (``NOISE_PROFILES``) or ``p1=..,p2=..,r=..`` (missing
+    entries 0). ValueError, in one line, for anything else."""
+    if spec in NOISE_PROFILES:
+        return NOISE_PROFILES[spec]
+    levels = dict.fromkeys(NOISE_LIMITS, 0.0)
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        try:
+            levels[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--noise {spec!r}: {item!r} is not name=number") from None
+        if name.strip() not in NOISE_LIMITS or not 0 <= levels[name.strip()] <= NOISE_LIMITS[name.strip()]:
+            raise ValueError(f"--noise {spec!r}: use a profile ({', '.join(NOISE_PROFILES)}) or p1=,p2= in [0, 1] "
+                             "and r= in [0, 0.5]")
+    return levels["p1"], levels["p2"], levels["r"]
+
+
+@dataclass(frozen=True)
+class Device:
+    """How a QNN is measured: ``noise`` (a ``--noise`` value) gives local depolarizing channels of strength p1 after
+    every qubit's rotation block and p2 on every ring bond, and readout error r (the measured bit flipped with
+    probability r); ``shots`` (None: the exact expectation) the measurements per sample; ``shot_grad`` how a
+    training step estimates gradients from shots; ``trajectories`` the Monte-Carlo trajectories per sample that
+    simulate the gate noise. The default is the exact noiseless statevector."""
+
+    noise: str = "none"
+    shots: int | None = None
+    shot_grad: str = "surrogate"
+    trajectories: int = 1
+
+    def __post_init__(self):
+        noise_levels(self.noise)
+        if self.shots is not None and self.shots < 1:
+            raise ValueError(f"--shots must be a positive integer, got {self.shots}")
+        if self.shot_grad not in SHOT_GRADIENTS:
+            raise ValueError(f"--shot-grad must be one of {', '.join(SHOT_GRADIENTS)}, got {self.shot_grad!r}")
+        if self.trajectories < 1:
+            raise ValueError(f"trajectories must be at least 1, got {self.trajectories}")
+
+    @property
+    def levels(self):
+        return noise_levels(self.noise)
+
+    @property
+    def gate_noise(self):
+        return self.levels[0] > 0 or self.levels[1] > 0
+
+    @property
+    def exact(self):
+        return not self.gate_noise and self.levels[2] == 0 and self.shots is None
+
+
+def row_keys(xs):
+    """One PRNG key per row of ``xs`` (NumPy, a row along the last axis), from a hash of the row's bytes: a row's
+    measurements derive from what it is, wherever it sits (the engine salts them per run, step and evaluation)."""
+    flat = np.ascontiguousarray(xs).reshape(-1, np.shape(xs)[-1])
+    words = np.array([np.frombuffer(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), np.uint32)
+                      for row in flat], np.uint32).reshape(*np.shape(xs)[:-1], 2)
+    return jax.random.wrap_key_data(jnp.asarray(words))
+
+
+def shot_estimate(key, expectation, shots):
+    """The estimate of <Z> from ``shots`` measurements: 2 Binomial(N, (1 + E) / 2) / N - 1 (mean E, variance
+    (1 - E**2) / N), drawn at once rather than shot by shot."""
+    ones = jax.random.binomial(key, shots, jnp.clip((1 + expectation) / 2, 0, 1))
+    return (2 * ones / shots - 1).astype(expectation.dtype)
+
+
+@dataclass(frozen=True)
+class DeviceQNN:
+    """A QNN measured on a ``Device``: its inputs carry a PRNG key per row (``prepare``), which the engine folds
+    with each step's and each evaluation's salt (``redraw``), so every output is a fresh measurement.
+
+    Gate noise: every depolarizing channel is a mixture of Paulis, so a trajectory draws one Pauli per channel (the
+    identity with probability 1 - p, each other with p/3 or p/15) and runs the pure-state circuit; the mean over
+    ``trajectories`` trajectories is an unbiased estimate of the noisy expectation. A qubit's Pauli after its
+    rotation block, and those the previous layer's ring put on it, multiply into that qubit's rotation gate (no
+    extra gate). The ring's rzz gates commute and form one layer; each bond's channel acts at the end of it. The
+    amplitude-encoded state preparation is ideal, as in the other QML-unlearning codes: no device prepares it
+    cheaply. Readout error maps E to (1 - 2r) E exactly. Shots: ``shot_estimate`` of that expectation; the training
+    gradient is the surrogate's (the loss at the shot estimate, the gradient of the expectation) or the parameter
+    shift rule's (2P shot-noisy circuits, unbiased, what hardware does).
+    """
+
+    qnn: QNN
+    device: Device
+
+    def __post_init__(self):
+        if self.qnn.ansatz == "cnot":
+            raise ValueError("device noise is modelled for the rzz and noent circuits (the CNOT ring does not commute)")
+
+    @property
+    def param_shape(self):
+        return self.qnn.param_shape
+
+    def init(self, key):
+        return self.qnn.init(key)
+
+    def prepare(self, xs):
+        return {"psi": self.qnn.prepare(xs), "key": row_keys(np.asarray(xs))}
+
+    def layers_from_output(self, params):
+        return self.qnn.layers_from_output(params)
+
+    def pauli_errors(self, key):
+        """One trajectory's Paulis: per (layer, qubit) the one after the rotation block and the one the previous
+        layer's ring left on the qubit (entering the rotation gate), and the last ring's on the read-out qubit."""
+        p1, p2, _ = self.device.levels
+        shape = (self.qnn.depth, self.qnn.n_qubits)
+        single_key, bond_key = jax.random.split(key)
+        after = jax.random.categorical(single_key, jnp.log(jnp.array([1 - p1] + [p1 / 3] * 3)), shape=shape)
+        bonds = jax.random.categorical(bond_key, jnp.log(jnp.array([1 - p2] + [p2 / 15] * 15)), shape=shape)
+        bonds = bonds * (self.qnn.ansatz == "rzz")
+        ring = bonds // 4 ^ jnp.roll(bonds % 4, 1, axis=1)  # bond i = (i, i + 1): Paulis bonds // 4 and bonds % 4
+        before = jnp.concatenate([jnp.zeros_like(ring[:1]), ring[:-1]])
+        return after, before, ring[-1, -1]
+
+    def trajectory(self, params, psi, key):
+        """<Z_{n-1}> of one noise trajectory."""
+        after, before, last = self.pauli_errors(key)
+        pauli = jnp.asarray(PAULI, complex_dtype())
+
+        def layer(psi, xs):
+            theta, a, b = xs
+            return self.qnn.apply_layer(psi, pauli[a] @ self.qnn.rotation_gates(theta) @ pauli[b], theta), None
+
+        psi, _ = jax.lax.scan(layer, psi, (params, after, before), unroll=True)
+        return (1 - 2 * (last & 1)).astype(psi.real.dtype) * z_last(psi)  # an X or Y before the readout flips <Z>
+
+    def expectation(self, params, psi, key):
+        """The device's expectation of <Z_{n-1}>: exact, or the trajectory mean, then the readout error."""
+        if self.device.gate_noise:
+            keys = jax.random.split(key, self.device.trajectories)
+            e = jnp.mean(jax.vmap(self.trajectory, in_axes=(None, None, 0))(params, psi, keys))
+        else:
+            e = self.qnn.expectation_z_last(params, psi)
+        return (1 - 2 * self.device.levels[2]) * e
+
+    def surrogate(self, params, psi, key):
+        """The shot estimate, differentiated as the expectation."""
+        noise_key, shot_key = jax.random.split(key)
+        e = self.expectation(params, psi, noise_key)
+        if self.device.shots is None:
+            return e
+        return e + jax.lax.stop_gradient(shot_estimate(shot_key, e, self.device.shots) - e)
+
+    def logits(self, params, xs):
+        measure = MEASUREMENTS[self.device.shot_grad]
+        return self.qnn.readout * jax.vmap(measure, in_axes=(None, None, 0, 0))(self, params, xs["psi"], xs["key"])
+
+    def apply(self, params, xs):
+        return jax.nn.sigmoid(self.logits(params, xs))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def parameter_shift(model, params, psi, key):
+    """The shot estimate of ``model`` (a ``DeviceQNN``), differentiated by the parameter-shift rule: every angle
+    enters as exp(-i theta G / 2) with G**2 = 1 (rx, ry, rzz), so dE/dtheta = (E(theta + pi/2) - E(theta - pi/2)) / 2,
+    each of the 2P shifted circuits measured with its own shots and trajectories."""
+    return model.surrogate(params, psi, key)
+
+
+def _shift_forward(model, params, psi, key):
+    return model.surrogate(params, psi, key), (params, psi, key)
+
+
+def _shift_backward(model, residual, cotangent):
+    params, psi, key = residual
+    flat = params.reshape(-1)
+    shifts = 0.5 * np.pi * jnp.eye(flat.size, dtype=flat.dtype)
+    keys = jax.random.split(jax.random.fold_in(key, 1), 2 * flat.size).reshape(2, flat.size)
+
+    def measured(shift, k):
+        return model.surrogate((flat + shift).reshape(params.shape), psi, k)
+
+    plus = jax.vmap(measured)(shifts, keys[0])
+    minus = jax.vmap(measured)(-shifts, keys[1])
+    return (0.5 * cotangent * (plus - minus)).reshape(params.shape).astype(params.dtype), None, None
+
+
+parameter_shift.defvjp(_shift_forward, _shift_backward)
+MEASUREMENTS = {"surrogate": DeviceQNN.surrogate, "parameter_shift": parameter_shift}
+
+
 def param_dtype(params):
     """The (real) dtype of a model's parameters: a run's learning rate and hyper-parameters are cast to it."""
     return jax.tree.leaves(params)[0].dtype
@@ -374,36 +582,49 @@ def exact_hessian(loss, w):
     return jax.hessian(loss)(w)
 
 
+def rows_of(xs):
+    """The number of rows of a model's input (an array, or a ``DeviceQNN``'s dict of states and keys)."""
+    return jax.tree.leaves(xs)[0].shape[0]
+
+
+def concat_rows(xs_list, axis=0):
+    """Model inputs joined along their rows (arrays, or dicts of them)."""
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=axis), *xs_list)
+
+
 def accuracy(model, params, xs, ys):
     return jnp.mean((model.logits(params, xs) > 0) == (ys > 0))
 
 
 def evaluate_sets(model, params, xs_list, ys_list):
     """Correct-prediction flags of several evaluation sets in one forward pass, and the last set's predictions."""
-    logits = model.logits(params, jnp.concatenate(xs_list))
-    sizes = np.cumsum([x.shape[0] for x in xs_list])[:-1]
+    logits = model.logits(params, concat_rows(xs_list))
+    sizes = np.cumsum([rows_of(x) for x in xs_list])[:-1]
     parts = jnp.split(logits, sizes)
     return [(z > 0) == (y > 0) for z, y in zip(parts, ys_list)], parts[-1] > 0
 
 
 # ------------------------------------------------------------------------------------- engine
-def batched(order, batch_size, steps=None):
-    """Sample orders (groups, m) cut into fixed-shape minibatches: ``idx`` and ``mask`` (groups, steps, batch)
-    and a per-step learning-rate ``scale`` (groups, steps). The last batch of a group is padded with masked
-    entries, so a partial batch compiles nothing new and weighs exactly its real samples (as Keras); ``steps``
-    pads further with empty steps (which change nothing), so that a subset's plan has a full set's shape."""
+def batched(rng, order, batch_size, steps=None):
+    """Sample orders (groups, m) cut into fixed-shape minibatches: ``idx`` and ``mask`` (groups, steps, batch),
+    a per-step learning-rate ``scale`` and a per-step random word ``draw`` (groups, steps), the salt of the step's
+    measurements on a device (``DeviceQNN``; drawn from a child of ``rng``, so the orders do not depend on it).
+    The last batch of a group is padded with masked entries, so a partial batch compiles nothing new and weighs
+    exactly its real samples (as Keras); ``steps`` pads further with empty steps (which change nothing), so that a
+    subset's plan has a full set's shape."""
     groups, m = order.shape
     steps = max(-(-m // batch_size), steps or 0)
     idx = np.zeros((groups, steps * batch_size), np.int32)
     idx[:, :m] = order
     mask = np.broadcast_to(np.arange(steps * batch_size) < m, idx.shape)
     return {"idx": idx.reshape(groups, steps, batch_size), "mask": mask.reshape(groups, steps, batch_size),
-            "scale": np.ones((groups, steps), np.float32)}
+            "scale": np.ones((groups, steps), np.float32),
+            "draw": rng.spawn(1)[0].integers(2**32, size=(groups, steps), dtype=np.uint32)}
 
 
 def epoch_plan(rng, n, batch_size, epochs):
     """Minibatches reshuffled every epoch, one group per epoch (metrics can be recorded after each)."""
-    return batched(np.stack([rng.permutation(n) for _ in range(epochs)]), batch_size)
+    return batched(rng, np.stack([rng.permutation(n) for _ in range(epochs)]), batch_size)
 
 
 def stop_after(plan, epochs):
@@ -418,7 +639,7 @@ def subset_plan(rng, rows, n, batch_size, epochs):
     """:func:`epoch_plan` over the training rows ``rows`` only (indices into a set of ``n``), shaped as the plan
     of all ``n`` rows: a held-out split or a cross-validation fold trains in the same program as the full set."""
     rows = np.asarray(rows)
-    return batched(np.stack([rows[rng.permutation(len(rows))] for _ in range(epochs)]), batch_size,
+    return batched(rng, np.stack([rows[rng.permutation(len(rows))] for _ in range(epochs)]), batch_size,
                    steps=-(-n // batch_size))
 
 
@@ -445,7 +666,7 @@ def stream_plan(rng, n, batch_size, epochs, buffer=128):
     ``repeat(epochs) -> shuffle(buffer) -> batch``; one group (batches straddle epochs; ceil(epochs * n / batch)
     steps, the last one partial)."""
     once = rng.permutation(n)
-    return batched(once[shuffle_buffer_order(rng, n, epochs, buffer)][None], batch_size)
+    return batched(rng, once[shuffle_buffer_order(rng, n, epochs, buffer)][None], batch_size)
 
 
 def optax_adam(lr, eps):
@@ -599,8 +820,8 @@ def fit(trainer, params, data, plan, lr, aux, shared, record):
 
     def step(carry, s):
         params, state = carry
-        batch = jax.tree.map(lambda a: a[s["idx"]], data)
-        updates, new_state = opt.update(grad_fn(trainer, params, batch, s["mask"], aux), state, params)
+        batch, step_aux = redraw((jax.tree.map(lambda a: a[s["idx"]], data), aux), s["draw"])
+        updates, new_state = opt.update(grad_fn(trainer, params, batch, s["mask"], step_aux), state, params)
         live = jnp.any(s["mask"])
         if trainer.masked:
             updates = jax.tree.map(jnp.multiply, updates, aux["update_mask"])
@@ -608,19 +829,41 @@ def fit(trainer, params, data, plan, lr, aux, shared, record):
         state = jax.tree.map(lambda new, old: jnp.where(live, new, old), new_state, state)
         return (optax.apply_updates(params, updates), state), None
 
-    def evaluate(params):
-        return trainer.metrics(model, params, data, aux, shared)
+    def evaluate(params, salt):
+        return trainer.metrics(model, params, *redraw(redraw((data, aux, shared), EVALUATION), salt))
 
-    def skip(params):
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(evaluate, params))
+    def skip(params, salt):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(evaluate, params, salt))
 
     def group(carry, xs):
         steps, keep = xs
         carry, _ = jax.lax.scan(step, carry, steps)
-        return carry, jax.lax.cond(keep, evaluate, skip, carry[0])  # a real branch: ``keep`` is not per run
+        # a real branch: ``keep`` is not per run; a device measures afresh after each recorded group
+        return carry, jax.lax.cond(keep, evaluate, skip, carry[0], steps["draw"][-1])
 
     (params, _), history = jax.lax.scan(group, (params, opt.init(params)), (plan, record))
     return params, history
+
+
+EVALUATION = 0x9E3779B9  # folded into the measurement keys of an evaluation (a step folds in its own draw only)
+
+
+def redraw(tree, salt):
+    """Every PRNG key of ``tree`` (a ``DeviceQNN``'s per-row measurement keys) with ``salt`` folded in, the rest
+    unchanged: fresh shots and noise trajectories at each step from one key per row. A no-op without keys."""
+    def fold(leaf):
+        if not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return leaf
+        folded = jax.vmap(jax.random.fold_in, in_axes=(0, None))(leaf.reshape(-1), jnp.uint32(salt))
+        return folded.reshape(leaf.shape)
+
+    return jax.tree.map(fold, tree)
+
+
+def redraw_runs(tree):
+    """``redraw`` with each run's index as its salt (leading run axis): independent measurements per run."""
+    runs = len(jax.tree.leaves(tree)[0])
+    return jax.vmap(redraw)(tree, jnp.arange(runs, dtype=jnp.uint32))
 
 
 TRACE_COUNT = {"fit": 0}  # incremented each time JAX traces the runs function (tests count compilations)

@@ -45,12 +45,29 @@ def _apply(table, changes, *, path):
     return out
 
 
+# --------------------------------------------------------------------------- on a device (issue 22)
+NOISES, SHOTS = ["none", "device", "device10"], [None, 1000, 100]  # models.NOISE_PROFILES; None: exact
+
+
+def grid(noises, shots):
+    """Device-grid points: every (noise, shots) pair."""
+    return [{"noise": noise, "shots": count} for noise in noises for count in shots]
+
+
+DEVICE_GRID = {  # the device part: the QNN's label-flip sweep and its unlearning study at every point of the grid,
+    # the audit (membership inference, U-LiRA) of retrain and finetune at every shot count without gate noise
+    "alphas": ALPHAS, "phase_model": "qnn", "study": "qnn", "points": grid(NOISES, SHOTS),
+    "audit_points": grid(["none"], SHOTS), "audit_methods": ["retrain", "finetune"]}
+
+
 # --------------------------------------------------------------------------- layers both studies share
 PAPER_LAYER = {  # the authors' grids and our audit at full size
     "runs": 5, "dtype": "complex128", "methods": list(methods.METHODS),
     "sweep": {"kl_w": ALPHAS, "fo_w": ALPHAS, "hparam_points": 10, "lr_factors": [0.1, 0.316, 1.0, 3.16, 10.0]},
     "audit": {"shadows": 128, "folds": 4, "relearn_epochs": 50},
     "runs_per_program": "all",  # every unit's runs as one vmapped program (accelerators); see units.CHUNKS
+    "device": {"noise": "none", "shots": None, "shot_grad": "surrogate", "trajectories": 8},  # models.Device
+    "device_grid": DEVICE_GRID,
 }
 
 QUICK_LAYER = {  # minutes on a 2-core CPU, still showing the paper's findings
@@ -59,12 +76,17 @@ QUICK_LAYER = {  # minutes on a 2-core CPU, still showing the paper's findings
               "lr_factors": [0.316, 1.0, 3.16]},
     "audit": {"shadows": 6, "relearn_epochs": 5},
     "runs_per_program": "runs",  # --runs at a time: parts share compilations, and CPUs run narrow programs faster
+    "device": {"trajectories": 2},
+    "device_grid": {"alphas": [0.0, 0.2, 0.3, 0.4, 0.5],  # shots at the exact device, noise at 1000 shots
+                    "points": grid(["none"], SHOTS) + grid(["device", "device10"], [1000])},
 }
 
 SMOKE_LAYER = {  # seconds, for CI and the notebooks' self-check: shapes and plumbing, not findings
     "methods": [*methods.PAPER_METHODS, "salun", "newton"],  # every code path: masks and one-shot steps
     "sweep": {"kl_w": [0.0, 0.5], "fo_w": [0.0, 0.5], "hparam_points": 2, "lr_factors": [1.0, 3.0]},
     "audit": {"shadows": 4, "relearn_epochs": 3},
+    "device_grid": {"alphas": [0.0, 0.5], "points": grid(["none"], [None]) + grid(["device10"], [100]),
+                    "audit_points": grid(["none"], [100])},
 }
 
 

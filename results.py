@@ -92,8 +92,11 @@ def environment(device):
 def check_settings(out, settings, *, overwrite):
     """Refuse (``ResultsError``) a folder whose config.json holds other settings, unless ``overwrite``. Reads only."""
     config_path = Path(out) / "config.json"
-    if config_path.exists() and not overwrite and json.loads(config_path.read_text()).get("settings") != settings:
-        raise ResultsError(f"{out} holds results made with other settings; use another --out, or --overwrite")
+    old = json.loads(config_path.read_text()).get("settings") if config_path.exists() else settings
+    if old != settings and not overwrite:
+        differ = sorted(k for k in {*(old or {}), *settings} if (old or {}).get(k) != settings.get(k))
+        raise ResultsError(f"{out} holds results made with other settings ({', '.join(differ)} differ); use another "
+                           "--out, or --overwrite")
 
 
 def open_results(out, settings, *, files, device, overwrite):

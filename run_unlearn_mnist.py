@@ -87,6 +87,7 @@ SMOKE = merged(QUICK, SMOKE_LAYER, {  # seconds, for CI and the notebooks' self-
 })
 
 PRESETS = {"quick": QUICK, "paper": PAPER, "smoke": SMOKE}
+OPTIONAL = ["device"]  # not run by default: over the quick budget (see the README's "On a device")
 PARTS = ["phase", "controls", "memorise", "unlearn", "audit", "sweep", "hessian"]
 
 
@@ -103,7 +104,7 @@ def main(argv=None):
         datar.keras_mnist_path()
     except FileNotFoundError as err:
         runner.fail(str(err))
-    return runner.main("mnist", __doc__, PRESETS, load, PARTS, argv)
+    return runner.main("mnist", __doc__, PRESETS, load, PARTS, argv, optional=OPTIONAL)
 
 
 if __name__ == "__main__":

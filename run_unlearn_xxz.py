@@ -105,6 +105,7 @@ SMOKE = merged(QUICK, SMOKE_LAYER, {  # seconds, for CI and the notebooks' self-
 })
 
 PRESETS = {"quick": QUICK, "paper": PAPER, "smoke": SMOKE}
+OPTIONAL = ["device"]  # not run by default: over the quick budget (see the README's "On a device")
 PARTS = ["phase", "controls", "memorise", "unlearn", "audit", "sweep"]
 QUBITS = list(range(4, 17, 2))
 
@@ -143,7 +144,8 @@ def flag_settings(args):
 
 
 def main(argv=None):
-    return runner.main("xxz", __doc__, PRESETS, load, PARTS, argv, FLAGS, flag_settings, study_data)
+    return runner.main("xxz", __doc__, PRESETS, load, PARTS, argv, FLAGS, flag_settings, study_data,
+                       optional=OPTIONAL)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,14 @@ def fail(message, status=2):
 
 
 # -------------------------------------------------------------------------------- command line
-def parse_args(description, presets, parts, argv=None, extra=None):
-    """Parse and check the command line; errors print one line and exit 2 before anything is written."""
+def parse_args(description, presets, parts, argv=None, extra=None, optional=()):
+    """Parse and check the command line; errors print one line and exit 2 before anything is written. ``parts``
+    run by default, ``optional`` ones (or groups of ``units.PART_GROUPS``) only when named."""
     parser = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quick", help=f"settings table: {', '.join(presets)} (default quick)")
     parser.add_argument("--parts", default=",".join(parts),
-                        help=f"comma-separated subset of {','.join(parts)} (default: all, in this order)")
+                        help=f"comma-separated subset of {','.join([*parts, *optional])} (default: "
+                        f"{','.join(parts)}, in this order)")
     parser.add_argument("--out", help="results folder (default results/<dataset>/); one run writes it at a time")
     parser.add_argument("--seed", type=int, default=0, help="seed from which every random draw derives (default 0)")
     parser.add_argument("--runs", type=int, help=f"independent runs per setting, 1 to {MAX_RUNS} (default: the "
@@ -59,6 +61,12 @@ def parse_args(description, presets, parts, argv=None, extra=None):
     parser.add_argument("--fidelity", default="paper", choices=sorted(fidelity.FIDELITIES),
                         help="definitions: paper (what the authors' code computes, default) or corrected (our "
                         "repairs); see the README's Fidelity section")
+    parser.add_argument("--noise", help="gate and readout noise of every QNN: none (default), a profile (device: "
+                        "p1 2e-4, p2 3e-3, r 1.5e-2; device10: ten times that) or p1=..,p2=..,r=..; see 'On a device'")
+    parser.add_argument("--shots", type=int, help="measurements per QNN output (default: the exact expectation)")
+    parser.add_argument("--shot-grad", choices=models.SHOT_GRADIENTS,
+                        help="gradients from shots: surrogate (default; the loss at the shot estimate, the "
+                        "expectation's gradient) or parameter_shift (2P shot-noisy circuits per sample, as hardware)")
     parser.add_argument("--devices", type=int, help="split the runs of every unit across this many local devices "
                         "(default: all; results are identical)")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -72,9 +80,10 @@ def parse_args(description, presets, parts, argv=None, extra=None):
     if args.preset not in presets:
         parser.error(f"unknown preset {args.preset!r}; choose from {', '.join(presets)}")
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = [p for p in args.parts if p not in parts]
+    unknown = [p for p in args.parts if p not in (*parts, *optional)]
     if unknown or not args.parts:
-        parser.error(f"unknown part {','.join(unknown) or '(none)'}; choose from {','.join(parts)}")
+        parser.error(f"unknown part {','.join(unknown) or '(none)'}; choose from {','.join([*parts, *optional])}")
+    args.parts = [name for p in args.parts for name in units.PART_GROUPS.get(p, (p,))]
     if args.runs is not None and not 1 <= args.runs <= MAX_RUNS:
         parser.error(f"--runs must be between 1 and {MAX_RUNS}, got {args.runs}")
     if not 0 <= args.seed < 2**63:
@@ -86,6 +95,10 @@ def parse_args(description, presets, parts, argv=None, extra=None):
         parser.error(f"--out {args.out} is an existing file, not a folder")
     if args.devices is not None and args.devices < 1:
         parser.error(f"--devices must be at least 1, got {args.devices}")
+    try:
+        models.Device(**device_settings(presets[args.preset]["device"], args))
+    except ValueError as err:
+        parser.error(str(err))
     if args.ray not in (None, "local"):
         problem = ray_head_problem(args.ray)
         if problem:
@@ -112,13 +125,20 @@ def ray_head_problem(address, timeout=5.0):
     return None
 
 
+def device_settings(preset_device, args):
+    """The preset's device table with --noise, --shots and --shot-grad applied."""
+    given = {"noise": args.noise, "shots": args.shots, "shot_grad": args.shot_grad}
+    return preset_device | {k: v for k, v in given.items() if v is not None}
+
+
 def settings_for(args, presets, **extra):
     """The full settings of a run: the preset's table with the command line's overrides applied."""
     settings = copy.deepcopy(presets[args.preset])
     if args.runs is not None:
         settings["runs"] = args.runs
     settings.update(preset=args.preset, seed=args.seed, dtype=args.dtype,
-                    fidelity=fidelity.FIDELITIES[args.fidelity].as_dict(), **extra)
+                    fidelity=fidelity.FIDELITIES[args.fidelity].as_dict(),
+                    device=device_settings(settings["device"], args), **extra)
     return settings
 
 
@@ -240,9 +260,11 @@ def run_parts(out, parts, ctx, config, *, ray, devices, progress):
         print(f"[{part}] rows in {csv_path}" + (f", figure {figure}" if figure else ""))
 
 
-def main(dataset, description, presets, load, parts, argv=None, extra=None, extra_settings=None, study_data=None):
-    """Run the ``parts`` of a study named on the command line into the results folder."""
-    args = parse_args(description, presets, parts, argv, extra)
+def main(dataset, description, presets, load, parts, argv=None, extra=None, extra_settings=None, study_data=None,
+         optional=()):
+    """Run the ``parts`` of a study named on the command line into the results folder (``optional`` parts only
+    when named)."""
+    args = parse_args(description, presets, parts, argv, extra, optional)
     try:
         devices = boot(args.dtype, args.devices)
     except ValueError as err:

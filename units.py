@@ -7,7 +7,7 @@ context from the settings and run it too; workers look units up by key.
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -36,7 +36,7 @@ class Context:
     def __init__(self, settings, load, study_data=None):
         self.settings, self.load = settings, load
         self.study_data = study_data or (lambda ds, study, fid: ds)
-        self.fid = fidelity.Fidelity(**settings["fidelity"])
+        self.fid = fidelity.from_settings(settings)
         self.seed, self.runs = settings["seed"], settings["runs"]
         self.chunk = CHUNKS[settings["runs_per_program"]](self.runs)  # runs per compiled program, every training
         self._data, self._populations = {}, {}
@@ -250,6 +250,64 @@ def memorise_units(ctx):
             for spec in ctx.settings["memorise"]["models"].values()]
 
 
+def device_point(ctx, point):
+    """The fidelity of one point of the device grid (``noise``, ``shots``; the rest from the run's device), and
+    its columns. Every point trains from the same draws (initialisations, orders, measurement keys): the grid
+    compares the devices on common random numbers."""
+    device = models.Device(**(ctx.settings["device"] | point))
+    return replace(ctx.fid, device=device), {"noise": device.noise, "shots": device.shots or "exact",
+                                             "shot_grad": device.shot_grad}
+
+
+def named_study(ctx, name):
+    return next(s for key, s in zip(ctx.settings["unlearn"]["studies"], ctx.studies(), strict=True) if key == name)
+
+
+def _device_phase(ctx, point):
+    cfg = ctx.settings["device_grid"]
+    fid, columns = device_point(ctx, point)
+    spec = ctx.settings["phase"]["models"][cfg["phase_model"]]
+    rows = pu.resilience_unit(ctx.data(), spec["model"], spec["arch"], "label_flip", cfg["alphas"], runs=ctx.runs,
+                              schedule=pu.Schedule(**spec["schedule"]), seed=ctx.seed, fid=fid, chunk=ctx.chunk)
+    return Done([row | columns for row in rows], "val_acc by alpha " + mean_by(rows, "alpha", "val_acc"))
+
+
+def _device_unlearn(ctx, point):
+    fid, columns = device_point(ctx, point)
+    study = named_study(ctx, ctx.settings["device_grid"]["study"])
+    ds = ctx.study_dataset(study)
+    pop = pu.train_teachers(ds, study, runs=ctx.runs, seed=ctx.seed, fid=fid, shared_teacher=fid.teachers == "shared",
+                            chunk=ctx.chunk)
+    rows, _ = pu.unlearn_unit(ds, study, pop, method_names=methods.PAPER_METHODS, seed=ctx.seed, fid=fid,
+                              chunk=ctx.chunk)
+    final = [r for r in rows if r["epoch"] == study.unlearn.epochs]
+    return Done([row | columns for row in rows], "final val_acc " + mean_by(final, "method", "val_acc")
+                + "; forget_poison_acc " + mean_by(final, "method", "forget_poison_acc"))
+
+
+def _device_audit(ctx, point):
+    cfg, audit_cfg = ctx.settings["device_grid"], ctx.settings["audit"]
+    fid, columns = device_point(ctx, point)
+    study = named_study(ctx, cfg["study"])
+    ds = ctx.study_dataset(study)
+    pop = pu.train_teachers(ds, study, runs=audit_cfg["shadows"], seed=ctx.seed, fid=fid, shared_teacher=False,
+                            chunk=ctx.chunk)
+    rows, _ = audit.audit_unit(ds, study, pop, method_names=cfg["audit_methods"], folds=audit_cfg["folds"],
+                               relearn_cap=audit_cfg["relearn_epochs"], seed=ctx.seed, fid=fid, chunk=ctx.chunk)
+    return Done([row | columns for row in rows], "mia_auc " + mean_by(rows, "method", "mia_auc") + "; ulira_acc "
+                + mean_by(rows, "method", "ulira_acc"))
+
+
+def device_units(work, points_key):
+    """Units of a device part: one per point of the grid's ``points_key`` list."""
+    def build(ctx):
+        return [Unit({"dataset": ctx.settings["dataset"], "noise": p["noise"], "shots": p["shots"] or "exact"},
+                     f"noise={p['noise']} shots={p['shots'] or 'exact'}", functools.partial(work, point=p))
+                for p in ctx.settings["device_grid"][points_key]]
+
+    return build
+
+
 def _hessian(ctx, spec):
     with models.precision("complex128"):
         rows, spectra = hessian.hessian_unit(ctx.settings, spec, chunk=ctx.chunk)
@@ -277,6 +335,13 @@ class Part:
 
 
 STUDY = ("dataset", "model", "arch", "recipe", "poison", "alpha")
+DEVICE = ("dataset", "noise", "shots")
+UNLEARN_COLUMNS = (*STUDY, "method", "run", "epoch", "train_acc", "val_acc", "retain_acc", "forget_acc",
+                 "forget_poison_acc", "oracle_agree")
+AUDIT_COLUMNS = (*STUDY, "method", "run", "mia_acc", "mia_auc", "ulira_acc", "ulira_auc", "kl_oracle_val",
+               "kl_oracle_forget", "oracle_agree", "relearn_epochs", "relearn_capped", "unlearn_s", "grad_evals")
+PART_GROUPS = {"device": ("device_phase", "device_unlearn", "device_audit")}
+"""Names that stand for several parts on the command line (--parts device)."""
 PARTS = {
     "phase": Part("phase.csv", ("dataset", "gauge", "model", "arch", "poison", "alpha", "run", "train_acc",
                                 "val_acc", "flip_fit"), ("dataset", "gauge", "model", "arch", "poison"), phase_units),
@@ -285,13 +350,17 @@ PARTS = {
                      ("dataset", "gauge", "model", "arch", "poison"), controls_units),
     "memorise": Part("memorise.csv", ("dataset", "model", "arch", "recipe", "params", "n_train", "run", "random_fit",
                                       "epochs"), ("dataset", "model", "arch"), memorise_units),
-    "unlearn": Part("unlearn.csv", (*STUDY, "method", "run", "epoch", "train_acc", "val_acc", "retain_acc",
-                                    "forget_acc", "forget_poison_acc", "oracle_agree"), STUDY, unlearn_units),
+    "unlearn": Part("unlearn.csv", UNLEARN_COLUMNS, STUDY, unlearn_units),
     "sweep": Part("sweep.csv", (*STUDY, "method", "sweep", "param", "value", "kl_w", "fo_w", "lr", "run", "val_acc",
                                 "forget_acc", "forget_poison_acc"), (*STUDY, "method", "sweep", "kl_w"), sweep_units),
-    "audit": Part("audit.csv", (*STUDY, "method", "run", "mia_acc", "mia_auc", "ulira_acc", "ulira_auc",
-                                "kl_oracle_val", "kl_oracle_forget", "oracle_agree", "relearn_epochs",
-                                "relearn_capped", "unlearn_s", "grad_evals"), STUDY, audit_units),
+    "audit": Part("audit.csv", AUDIT_COLUMNS, STUDY, audit_units),
+    "device_phase": Part("device.csv", ("dataset", "gauge", "model", "arch", "noise", "shots", "shot_grad", "poison",
+                                        "alpha", "run", "train_acc", "val_acc", "flip_fit"), DEVICE,
+                         device_units(_device_phase, "points")),
+    "device_unlearn": Part("device_unlearn.csv", (*UNLEARN_COLUMNS, "noise", "shots", "shot_grad"), DEVICE,
+                           device_units(_device_unlearn, "points")),
+    "device_audit": Part("device_audit.csv", (*AUDIT_COLUMNS, "noise", "shots", "shot_grad"), DEVICE,
+                         device_units(_device_audit, "audit_points")),
     "hessian": Part("hessian.csv", ("model", "arch", "alpha", "seed", "train_acc", "val_acc", "trace", "top_eig"),
                     ("model", "arch"), hessian_units),
 }
