@@ -3,8 +3,8 @@
 Prints one JSON object per line. Defaults: the QNN at 10 qubits / depth 6 / batch 256 in complex64 and complex128
 with, in the same run, a plain batched-einsum statevector formulation of the same circuit (no TensorCircuit; checked
 against the QNN's outputs first); the XXZ QNN at 12 qubits / depth 4; the MLP [64, 16]; batch 4096 lines when a GPU is
-present. ``--devices 1 2`` times a population of runs (vmapped, the run axis sharded with ``jax.sharding``) per
-device count; on a CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N. Targets (design
+present; the QNN measured on a device (one noise trajectory, shots, the parameter-shift rule). ``--devices 1 2``
+times a population of runs (vmapped, the run axis sharded with ``jax.sharding``) per device count; on a CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N. Targets (design
 section 10): compile <= 15 s per shape; QNN >= 2,700 sample-gradients/s on a 2-core CPU in complex64; >= 500,000 on
 one H100 at batch 4096.
 
@@ -97,6 +97,20 @@ def bench_devices(model, in_dim, batch, runs, devices, seconds):
             "sample_grads_per_s": round(rate * batch * runs)}
 
 
+DEVICE_LINES = {  # name: (Device, batch divisor): one trajectory, shots on top, and the parameter-shift rule
+    "qnn-device-1-trajectory": (models.Device("device", trajectories=1), 1),
+    "qnn-device-1-trajectory-1000-shots": (models.Device("device", shots=1000, trajectories=1), 1),
+    "qnn-parameter-shift-1000-shots": (models.Device(shots=1000, shot_grad="parameter_shift"), 32),
+}
+
+
+def device_lines(shape, dtype, batch, qnn):
+    """The QNN measured on a device (``models.DeviceQNN``): the noisy step's cost beside the exact one's. The
+    parameter-shift line runs 2P + 1 circuits per sample, at a smaller batch."""
+    return [(name, shape, dtype, max(batch // divisor, 1), models.DeviceQNN(qnn, device))
+            for name, (device, divisor) in DEVICE_LINES.items()]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["qnn", "mlp", "all"], default="all")
@@ -127,11 +141,13 @@ def main():
                     lines.append(("qnn", shape, dtype, batch, models.QNN(qubits, depth, group_size=args.group_size)))
                     if not args.devices:
                         lines.append(("qnn-einsum-reference", shape, dtype, batch, EinsumQNN(qubits, depth)))
+                    if not args.devices and dtype == "complex64":
+                        lines += device_lines(shape, dtype, batch, models.QNN(qubits, depth))
     if args.model in ("mlp", "all"):
         lines += [("mlp", {"hidden": [64, 16]}, "complex64", batch, models.MLP((64, 16))) for batch in batches]
     for name, shape, dtype, batch, model in lines:
         models.set_precision(dtype)
-        in_dim = getattr(model, "in_dim", None) or 2**model.n_qubits
+        in_dim = getattr(model, "in_dim", None) or 2 ** getattr(model, "qnn", model).n_qubits
         extra = {}
         if isinstance(model, EinsumQNN):  # the reference must compute the same circuit
             reference = models.QNN(model.n_qubits, model.depth)

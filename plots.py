@@ -260,10 +260,79 @@ def controls_summary(controls, memorise=None, *, alpha=0.3):
     return out
 
 
+def device_name(df):
+    """Each row's device point: noise profile and shots per output."""
+    shots = df["shots"].astype(str).map(lambda s: "exact" if s == "exact" else f"{s} shots")
+    return df["noise"].astype(str) + " noise, " + shots
+
+
+def device_phase_figure(df):
+    """The QNN's clean validation accuracy vs alpha under label flipping, one line per device point."""
+    df = df.assign(device=device_name(df))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    sns.lineplot(data=df, x="alpha", y="val_acc", hue="device", style="device", markers=True, errorbar="sd", ax=ax)
+    ax.set(xlabel="poisoning ratio α (label flipping)", ylabel="validation accuracy (clean, fraction)",
+           ylim=(-0.02, 1.02), title=f"QNN {df['arch'].iloc[0]} on a device")
+    ax.axhline(CRITICAL_ACC, color="grey", lw=0.5, ls=":")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def device_unlearn_figure(df):
+    """Final validation and forget-set (poisoned-label) accuracy of each method at each device point."""
+    final = final_rows(df).assign(device=device_name(df))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], (("val_acc", "validation accuracy (clean, fraction)"),
+                                             ("forget_poison_acc", "forget set, poisoned labels (fraction)"))):
+        sns.barplot(data=final, x="method", y=metric, hue="device", errorbar="sd", ax=ax)
+        ax.set(xlabel="unlearning method", ylabel=label, ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def device_audit_figure(df):
+    """Membership-inference AUC and U-LiRA accuracy vs shots per output (no gate noise), per method."""
+    df = df.assign(shots=df["shots"].astype(str))
+    order = sorted(set(df["shots"]), key=lambda s: float("inf") if s == "exact" else -float(s))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], (("mia_auc", "membership-inference AUC (0.5 = no leak)"),
+                                             ("ulira_acc", "U-LiRA accuracy (0.5 = like retraining)"))):
+        sns.pointplot(data=df, x="shots", y=metric, hue="method", order=order, errorbar="sd", dodge=0.3, ax=ax)
+        ax.set(xlabel="shots per output (exact: the expectation)", ylabel=f"{label} (fraction)", ylim=(0, 1.02))
+        ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+    fig.tight_layout()
+    return fig
+
+
+def device_summary(phase, unlearn, audit=None, *, alpha=0.3):
+    """One line per device point: the critical alpha and validation accuracy at ``alpha`` of the QNN's sweep, the
+    teacher's and finetuning's forget-set accuracy (poisoned labels), and the teacher's and finetuning's
+    membership-inference AUC (where the audit has the point)."""
+    by = ["noise", "shots"]
+    phase = phase.assign(shots=phase["shots"].astype(str))
+    curve = phase.groupby([*by, "alpha"], sort=False)["val_acc"].mean().reset_index()
+    out = pd.DataFrame({"critical α": curve[curve["val_acc"] < CRITICAL_ACC].groupby(by, sort=False)["alpha"].min(),
+                        f"val_acc at α={alpha}": curve[np.isclose(curve["alpha"], alpha)].set_index(by)["val_acc"]})
+    final = final_rows(unlearn).assign(shots=lambda d: d["shots"].astype(str))
+    teacher = unlearn[(unlearn["method"] == "finetune") & (unlearn["epoch"] == 0)].assign(
+        shots=lambda d: d["shots"].astype(str))
+    out["teacher fpa"] = teacher.groupby(by)["forget_poison_acc"].mean()
+    for method in ("finetune", "retrain"):
+        out[f"{method} fpa"] = final[final["method"] == method].groupby(by)["forget_poison_acc"].mean()
+    if audit is not None:
+        audit = audit.assign(shots=audit["shots"].astype(str))
+        for method in ("teacher", "finetune"):
+            out[f"{method} MIA AUC"] = audit[audit["method"] == method].groupby(by)["mia_auc"].mean()
+    return out.round(3)
+
+
 FIGURES = {"phase": {"phase": phase_figure}, "controls": {"controls": controls_figure},
            "memorise": {"memorise": memorise_figure}, "unlearn": {"unlearn": unlearn_figure},
            "sweep": {"sweep": sweep_figure, "sweep_hparams": hparam_sweep_figure, "sweep_lr": lr_sweep_figure},
-           "audit": {"audit": audit_figure}}
+           "audit": {"audit": audit_figure}, "device_phase": {"device": device_phase_figure},
+           "device_unlearn": {"device_unlearn": device_unlearn_figure}, "device_audit": {"device_audit": device_audit_figure}}
 PREPARE = {"controls": lambda df, out: with_paper_models(df, read_if_present(Path(out) / "phase.csv"))}
 """A part whose figure reads more than its own table: how its table is completed (e.g. controls beside phase)."""
 

@@ -68,6 +68,7 @@ PAPER_LAYER = {  # the authors' grids and our audit at full size
     "runs_per_program": "all",  # every unit's runs as one vmapped program (accelerators); see units.CHUNKS
     "device": {"noise": "none", "shots": None, "shot_grad": "surrogate", "trajectories": 8},  # models.Device
     "device_grid": DEVICE_GRID,
+    "export_circuits": False,  # --export-circuits: the QNN teachers of the unlearn part as OpenQASM
 }
 
 QUICK_LAYER = {  # minutes on a 2-core CPU, still showing the paper's findings

@@ -69,13 +69,20 @@ def save_arrays(path, new):
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path, obj):
-    tmp = Path(path).with_suffix(".json.tmp")
+def write_text(path, text):
+    """Write a text file atomically (a copy, then rename), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def environment(device):

@@ -67,6 +67,8 @@ def parse_args(description, presets, parts, argv=None, extra=None, optional=()):
     parser.add_argument("--shot-grad", choices=models.SHOT_GRADIENTS,
                         help="gradients from shots: surrogate (default; the loss at the shot estimate, the "
                         "expectation's gradient) or parameter_shift (2P shot-noisy circuits per sample, as hardware)")
+    parser.add_argument("--export-circuits", action="store_true",
+                        help="write each QNN teacher of the unlearn part as OpenQASM 2 into circuits/ of --out")
     parser.add_argument("--devices", type=int, help="split the runs of every unit across this many local devices "
                         "(default: all; results are identical)")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -80,9 +82,10 @@ def parse_args(description, presets, parts, argv=None, extra=None, optional=()):
     if args.preset not in presets:
         parser.error(f"unknown preset {args.preset!r}; choose from {', '.join(presets)}")
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = [p for p in args.parts if p not in (*parts, *optional)]
+    known = [*parts, *optional, *(p for group in optional for p in units.PART_GROUPS.get(group, ()))]
+    unknown = [p for p in args.parts if p not in known]
     if unknown or not args.parts:
-        parser.error(f"unknown part {','.join(unknown) or '(none)'}; choose from {','.join([*parts, *optional])}")
+        parser.error(f"unknown part {','.join(unknown) or '(none)'}; choose from {','.join(known)}")
     args.parts = [name for p in args.parts for name in units.PART_GROUPS.get(p, (p,))]
     if args.runs is not None and not 1 <= args.runs <= MAX_RUNS:
         parser.error(f"--runs must be between 1 and {MAX_RUNS}, got {args.runs}")
@@ -138,7 +141,8 @@ def settings_for(args, presets, **extra):
         settings["runs"] = args.runs
     settings.update(preset=args.preset, seed=args.seed, dtype=args.dtype,
                     fidelity=fidelity.FIDELITIES[args.fidelity].as_dict(),
-                    device=device_settings(settings["device"], args), **extra)
+                    device=device_settings(settings["device"], args),
+                    export_circuits=args.export_circuits or settings["export_circuits"], **extra)
     return settings
 
 
@@ -225,6 +229,8 @@ def run_part(out, part, ctx, config, *, ray=None, devices=None):
         for unit, (finished, seconds) in _results(part, ctx, pending, ray, devices):
             for name, arrays in finished.arrays.items():  # before the rows: finished rows imply their arrays
                 results.save_arrays(Path(out) / name, arrays)
+            for name, text in finished.files.items():
+                results.write_text(Path(out) / name, text)
             table.append(finished.rows)
             bar.update()
             tqdm.write(f"[{part}] {unit.label}: {finished.info} ({seconds:.1f} s)")

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 import audit
+import circuits
 import controls
 import fidelity
 import hessian
@@ -97,13 +98,14 @@ class Unit:
 
 
 class Done(NamedTuple):
-    """What a unit returns to the driver: its rows, a one-line summary, wall seconds of its pieces, and arrays to
-    add to npz files of the results folder (file name -> name -> array)."""
+    """What a unit returns to the driver: its rows, a one-line summary, wall seconds of its pieces, arrays to add
+    to npz files of the results folder (file name -> name -> array), and text files to write (path -> text)."""
 
     rows: list
     info: str
     timings: dict = {}
     arrays: dict = {}
+    files: dict = {}
 
 
 def _phase(ctx, spec, gauge, poison):
@@ -126,8 +128,19 @@ def phase_units(ctx):
     return units
 
 
+def exported_circuits(ctx, study, pop):
+    """With --export-circuits, each QNN teacher of a study as OpenQASM (``circuits/``), else nothing."""
+    qnn = getattr(pop.model, "qnn", pop.model)  # a QNN measured on a device exports its circuit
+    if not ctx.settings["export_circuits"] or not isinstance(qnn, models.QNN):
+        return {}
+    name = f"circuits/{study.model}-{study.arch}-{study.recipe}-{study.poison}-alpha{study.alpha}"
+    return {f"{name}-teacher{k}.qasm": circuits.to_openqasm(qnn, pop.params[k])
+            for k in range(pu.teacher_count(pop.runs, ctx.fid.teachers == "shared"))}
+
+
 def _unlearn(ctx, study):
-    rows, outcomes = pu.unlearn_unit(ctx.study_dataset(study), study, ctx.population(study),
+    pop = ctx.population(study)
+    rows, outcomes = pu.unlearn_unit(ctx.study_dataset(study), study, pop,
                                      method_names=ctx.settings["methods"], seed=ctx.seed, fid=ctx.fid,
                                      chunk=ctx.chunk)
     final = [r for r in rows if r["epoch"] == study.unlearn.epochs]
@@ -135,7 +148,7 @@ def _unlearn(ctx, study):
                                                                    "compile_s": round(o.compile_s, 2)}
                for m, o in outcomes.items()}
     return Done(rows, "final val_acc " + mean_by(final, "method", "val_acc") + "; forget_poison_acc "
-                + mean_by(final, "method", "forget_poison_acc"), timings)
+                + mean_by(final, "method", "forget_poison_acc"), timings, files=exported_circuits(ctx, study, pop))
 
 
 def study_key(ctx, study):

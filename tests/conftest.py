@@ -62,7 +62,8 @@ def compiles():
 
 @pytest.fixture(scope="session")
 def smoke_results(tmp_path_factory):
-    """Smoke-preset results of both scripts (every part; MNIST's phase also under --fidelity corrected), and every
+    """Smoke-preset results of both scripts (every part, MNIST's with its QNN teachers exported as OpenQASM; its
+    phase also under --fidelity corrected), and every
     random-draw identity they used: ``(folder, {identity: {(seed, call site), ...}})``."""
     import models
     import run_unlearn_mnist as mnist_script
@@ -80,7 +81,7 @@ def smoke_results(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(models, "unit_seed", recording)
     try:
-        mnist_script.main(["--preset", "smoke", "--out", str(base / "mnist")])
+        mnist_script.main(["--preset", "smoke", "--out", str(base / "mnist"), "--export-circuits"])
         mnist_script.main(["--preset", "smoke", "--parts", "phase", "--fidelity", "corrected",
                            "--out", str(base / "mnist_corrected")])
         xxz_script.main(["--preset", "smoke", "--out", str(base / "xxz")])

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import tensorcircuit as tc
 
+import circuits
 import fidelity
 import models
 import poison_unlearn as pu
@@ -157,3 +158,80 @@ def test_bad_device_settings_are_one_line_and_exit_2(argv, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "error" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def qiskit_state(psi):
+    """Our state (qubit 0 the most significant bit) in Qiskit's order (qubit 0 the least significant)."""
+    n = int(np.log2(len(psi)))
+    return np.asarray(psi).reshape((2,) * n).transpose(range(n - 1, -1, -1)).reshape(-1)
+
+
+def test_an_exported_circuit_recomputes_the_qnn_outputs_in_qiskit(rng):
+    from qiskit import qasm2
+    from qiskit.quantum_info import Pauli, Statevector
+
+    qnn = models.QNN(4, 3)
+    params = 0.8 * jax.random.normal(jax.random.PRNGKey(6), qnn.param_shape)
+    qasm = circuits.to_openqasm(qnn, params)
+    assert circuits.PLACEHOLDER in qasm and qasm.count("rzz(") == 12 and "measure q[3]" in qasm
+    circuit = qasm2.loads(qasm, custom_instructions=qasm2.LEGACY_CUSTOM_INSTRUCTIONS)  # qelib1.inc with rzz
+    circuit = circuit.remove_final_measurements(inplace=False)
+    xs = random_states(rng, 3, 4)
+    z_last = Pauli("Z" + "I" * (qnn.n_qubits - 1))  # Qiskit's labels read from the last qubit to the first
+    expectations = [Statevector(qiskit_state(x)).evolve(circuit).expectation_value(z_last).real for x in xs]
+    with models.precision("complex128"):
+        ours = qnn.apply(jnp.asarray(params, jnp.float64), qnn.prepare(xs))
+    np.testing.assert_allclose(1 / (1 + np.exp(-qnn.readout * np.array(expectations))), ours, atol=1e-6)
+
+
+def test_qiskit_aer_shot_estimates_agree_with_our_noise_trajectories(rng):
+    """The same depolarizing channels (as Pauli errors after each rotation block and on each bond after the ring)
+    and readout error in Qiskit Aer: its shot estimates and our trajectory estimates agree within 3 sigma."""
+    from qiskit import QuantumCircuit, transpile
+    from qiskit_aer import AerSimulator
+    from qiskit_aer.noise import NoiseModel, ReadoutError, pauli_error
+
+    n, p1, p2, r, shots, count = 6, 0.02, 0.05, 0.03, 20000, 4096
+    qnn = models.QNN(n, 2)
+    params = np.asarray(0.3 * jax.random.normal(jax.random.PRNGKey(7), qnn.param_shape), np.float64)
+    single = pauli_error([("I", 1 - p1)] + [(p, p1 / 3) for p in "XYZ"])
+    double = pauli_error([("II", 1 - p2)] + [(a + b, p2 / 15) for a in "IXYZ" for b in "IXYZ" if a + b != "II"])
+    noise = NoiseModel()
+    noise.add_readout_error(ReadoutError([[1 - r, r], [r, 1 - r]]), [n - 1])
+    simulator = AerSimulator(noise_model=noise, seed_simulator=11)
+    model = device_qnn(qnn, noise=f"p1={p1},p2={p2},r={r}", trajectories=count)
+    states = random_states(rng, 3, n) + 2 * np.eye(2**n)[[0, 5, 40]]  # near basis states: |<Z>| well above 0
+    for psi in states / np.linalg.norm(states, axis=1, keepdims=True):
+        qc = QuantumCircuit(n, 1)
+        qc.initialize(qiskit_state(psi))
+        for layer in params:
+            for q in range(n):
+                qc.rx(layer[q, 0], q)
+                qc.ry(layer[q, 1], q)
+                qc.rx(layer[q, 2], q)
+                qc.append(single.to_instruction(), [q])
+            for q in range(n):
+                qc.rzz(layer[q, 3], q, (q + 1) % n)
+            for q in range(n):
+                qc.append(double.to_instruction(), [q, (q + 1) % n])
+        qc.measure(n - 1, 0)
+        counts = simulator.run(transpile(qc, simulator), shots=shots).result().get_counts()
+        aer = (counts.get("0", 0) - counts.get("1", 0)) / shots
+        keys = jax.random.split(jax.random.PRNGKey(8), count)
+        trajectories = (1 - 2 * r) * np.asarray(jax.vmap(model.trajectory, in_axes=(None, None, 0))(
+            jnp.asarray(params, jnp.float32), jnp.asarray(psi, jnp.complex64), keys))
+        sigma = np.sqrt((1 - aer**2) / shots + trajectories.var() / count)
+        assert abs(aer - trajectories.mean()) < 3 * sigma
+        exact = qnn.expectation_z_last(jnp.asarray(params, jnp.float32), jnp.asarray(psi, jnp.complex64))
+        assert abs(trajectories.mean() - exact) > 3 * sigma  # the noise is resolved
+
+
+def test_export_circuits_writes_each_qnn_teacher_as_openqasm(smoke_results):
+    from qiskit import qasm2
+
+    folder, _ = smoke_results
+    files = sorted((folder / "mnist" / "circuits").glob("*.qasm"))
+    assert [f.name for f in files] == ["qnn-depth2-plain-label_flip-alpha0.3-teacher0.qasm"]  # one shared teacher
+    circuit = qasm2.loads(files[0].read_text(), custom_instructions=qasm2.LEGACY_CUSTOM_INSTRUCTIONS)
+    assert circuit.num_qubits == 10 and circuit.count_ops()["rzz"] == 20 and circuit.count_ops()["measure"] == 1
+    assert not (folder / "xxz" / "circuits").exists()  # only when asked
