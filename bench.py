@@ -6,7 +6,8 @@ against the QNN's outputs first); the XXZ QNN at 12 qubits / depth 4; the MLP [6
 present; the QNN measured on a device (one noise trajectory, shots, the parameter-shift rule). ``--devices 1 2``
 times a population of runs (vmapped, the run axis sharded with ``jax.sharding``) per device count; on a CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N. Targets (design
 section 10): compile <= 15 s per shape; QNN >= 2,700 sample-gradients/s on a 2-core CPU in complex64; >= 500,000 on
-one H100 at batch 4096.
+one H100 at batch 4096. Each step also reports its XLA-counted GFLOP/s and their fraction of a dense matrix product's
+(``matmul-1024``, timed in the same run): the distance to what the cores can do.
 
     python bench.py
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench.py --model qnn --devices 1 2 --runs 8
@@ -78,7 +79,23 @@ def bench(model, in_dim, batch, seconds):
     compiled = jax.jit(step).lower(*args).compile()
     compile_s = time.perf_counter() - start
     rate = timed(lambda: compiled(*args), seconds)
-    return {"compile_s": round(compile_s, 2), "sample_grads_per_s": round(rate * batch)}
+    return {"compile_s": round(compile_s, 2), "sample_grads_per_s": round(rate * batch),
+            "xla_gflops": round(xla_flops(compiled) * rate / 1e9, 2)}
+
+
+def xla_flops(compiled):
+    """Floating-point operations of a compiled program by XLA's cost analysis (a complex multiply-add counts as
+    two, as a real one: a rate in these units is comparable with the matrix product's, not with a peak)."""
+    analysis = compiled.cost_analysis()
+    return float((analysis[0] if isinstance(analysis, list) else analysis).get("flops", float("nan")))
+
+
+def matmul_gflops(dtype, seconds, n=1024):
+    """XLA-counted GFLOP/s of a dense n x n matrix product in ``dtype``: what this machine's cores can do, the
+    yardstick of the QNN step's ``matmul_fraction``."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+    compiled = jax.jit(jnp.matmul).lower(a, a).compile()
+    return xla_flops(compiled) * timed(lambda: compiled(a, a), seconds) / 1e9
 
 
 def bench_devices(model, in_dim, batch, runs, devices, seconds):
@@ -145,8 +162,13 @@ def main():
                         lines += device_lines(shape, dtype, batch, models.QNN(qubits, depth))
     if args.model in ("mlp", "all"):
         lines += [("mlp", {"hidden": [64, 16]}, "complex64", batch, models.MLP((64, 16))) for batch in batches]
+    yardstick = {}
     for name, shape, dtype, batch, model in lines:
         models.set_precision(dtype)
+        if dtype not in yardstick and not args.devices:
+            yardstick[dtype] = matmul_gflops(dtype, args.seconds)
+            print(json.dumps({"model": "matmul-1024", "dtype": dtype, "device": device,
+                              "xla_gflops": round(yardstick[dtype], 2)}), flush=True)
         in_dim = getattr(model, "in_dim", None) or 2 ** getattr(model, "qnn", model).n_qubits
         extra = {}
         if isinstance(model, EinsumQNN):  # the reference must compute the same circuit
@@ -157,6 +179,8 @@ def main():
         results = ([bench_devices(model, in_dim, batch, args.runs, count, args.seconds) for count in args.devices]
                    if args.devices else [bench(model, in_dim, batch, args.seconds)])
         for result in results:
+            if "xla_gflops" in result:
+                result["matmul_fraction"] = round(result["xla_gflops"] / yardstick[dtype], 3)
             print(json.dumps({"model": name, **shape, "batch": batch, "dtype": dtype, "device": device,
                               "malloc": malloc, **result, **extra}), flush=True)
 

@@ -182,12 +182,12 @@ def retain_fisher(model, params, xs):
     """Diagonal Fisher information of the Bernoulli output on ``xs``: mean_i p_i (1 - p_i) (d logit_i)^2."""
 
     def add(total, x):
-        logit, grads = jax.value_and_grad(lambda p: model.logits(p, x[None])[0])(params)
+        logit, grads = jax.value_and_grad(lambda p: model.logits(p, jax.tree.map(lambda a: a[None], x))[0])(params)
         p = jax.nn.sigmoid(logit)
         return jax.tree.map(lambda s, g: s + p * (1 - p) * g**2, total, grads), None
 
     total, _ = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), xs)
-    return jax.tree.map(lambda s: s / xs.shape[0], total)
+    return jax.tree.map(lambda s: s / models.rows_of(xs), total)
 
 
 def fisher_step(t, params, aux, key):
