@@ -462,12 +462,15 @@ class DeviceQNN:
         return (1 - 2 * self.device.levels[2]) * e
 
     def surrogate(self, params, psi, key):
-        """The shot estimate, differentiated as the expectation."""
+        """The shot estimate, differentiated as the expectation. An unnormalised input (the paper's MNIST columns
+        encoding) is prepared normalised and its estimate rescaled by ||psi||**2, known from the data."""
         noise_key, shot_key = jax.random.split(key)
         e = self.expectation(params, psi, noise_key)
         if self.device.shots is None:
             return e
-        return e + jax.lax.stop_gradient(shot_estimate(shot_key, e, self.device.shots) - e)
+        norm = jax.lax.stop_gradient(jnp.sum(jnp.abs(psi) ** 2))
+        norm = jnp.where(norm > 0, norm, 1)  # a padding row of zeros
+        return e + jax.lax.stop_gradient(norm * shot_estimate(shot_key, e / norm, self.device.shots) - e)
 
     def logits(self, params, xs):
         measure = MEASUREMENTS[self.device.shot_grad]

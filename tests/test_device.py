@@ -48,6 +48,10 @@ def test_shot_estimates_have_the_binomial_mean_and_variance(rng):
     np.testing.assert_allclose(estimates.var(axis=0), variance, rtol=0.12)  # 4000 draws: the variance to ~3%
     ones = (estimates + 1) * shots / 2  # an estimate is 2k/N - 1 for k of N shots
     np.testing.assert_allclose(ones, np.round(ones), atol=1e-3)
+    scale = np.array([1.0, 4.0, 9.0, 16.0, 20.0, 25.0])  # unnormalised inputs (the columns encoding): the device
+    scaled = measurements(device_qnn(qnn, shots=shots), params, xs * np.sqrt(scale)[:, None], draws) / qnn.readout
+    assert np.all(np.abs(scaled.mean(axis=0) - scale * exact) < 4 * scale * np.sqrt(variance / draws))  # measures
+    np.testing.assert_allclose(scaled.var(axis=0), scale**2 * variance, rtol=0.12)  # psi / ||psi||, rescaled
 
 
 def test_readout_error_scales_the_expectation_exactly(rng):
