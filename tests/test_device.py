@@ -239,3 +239,20 @@ def test_export_circuits_writes_each_qnn_teacher_as_openqasm(smoke_results):
     circuit = qasm2.loads(files[0].read_text(), custom_instructions=qasm2.LEGACY_CUSTOM_INSTRUCTIONS)
     assert circuit.num_qubits == 10 and circuit.count_ops()["rzz"] == 20 and circuit.count_ops()["measure"] == 1
     assert not (folder / "xxz" / "circuits").exists()  # only when asked
+
+
+def test_the_device_part_is_one_unit_per_grid_point_measured_on_its_device():
+    import runner
+    import units
+
+    args = runner.parse_args("", mnist_script.PRESETS, mnist_script.PARTS, ["--preset", "smoke", "--parts", "device"],
+                             optional=mnist_script.OPTIONAL)
+    assert args.parts == ["device_phase", "device_unlearn", "device_audit"]
+    settings = runner.settings_for(args, mnist_script.PRESETS, dataset="mnist")
+    ctx = units.Context(settings, mnist_script.load)
+    keys = [u.key for u in units.PARTS["device_phase"].build_units(ctx)]
+    assert keys == [{"dataset": "mnist", "noise": "none", "shots": "exact"},
+                    {"dataset": "mnist", "noise": "device10", "shots": 100}]
+    fid, columns = units.device_point(ctx, {"noise": "device10", "shots": 100})
+    assert fid.device == models.Device("device10", shots=100, trajectories=settings["device"]["trajectories"])
+    assert columns == {"noise": "device10", "shots": 100, "shot_grad": "surrogate"} and ctx.fid.device.exact
