@@ -10,11 +10,15 @@ one H100 at batch 4096. Each step also reports its XLA-counted GFLOP/s and their
 (``matmul-1024``, timed in the same run): the distance to what the cores can do.
 
     python bench.py
+    python bench.py --peers                           # qujax and PennyLane beside ours, if installed
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python bench.py --model qnn --devices 1 2 --runs 8
 """
 
 import argparse
+import importlib.util
 import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -24,6 +28,7 @@ import optax
 
 import datar
 import models
+import peers
 
 
 def train_step(model, lr=0.005):
@@ -128,6 +133,30 @@ def device_lines(shape, dtype, batch, qnn):
             for name, (device, divisor) in DEVICE_LINES.items()]
 
 
+PEER_PACKAGES = {"qujax": "qujax", "pennylane-default-jax": "pennylane", "pennylane-lightning-adjoint": "pennylane_lightning"}
+
+
+def run_peers(args):
+    """Our QNN step, then each installed peer in a process of its own (its threads and memory settings apart)."""
+    models.set_precision("complex64")
+    qnn = models.QNN(args.qubits or 10, args.depth or 6)
+    print(json.dumps({"model": "qnn", "qubits": qnn.n_qubits, "depth": qnn.depth, "batch": 256,
+                      **bench(qnn, 2**qnn.n_qubits, 256, args.seconds)}), flush=True)
+    for name, package in PEER_PACKAGES.items():
+        if importlib.util.find_spec(package) is None:
+            print(json.dumps({"model": name, "skipped": f"{package} is not installed"}), flush=True)
+            continue
+        command = [sys.executable, __file__, "--peer", name, "--seconds", str(args.seconds),
+                   "--qubits", str(qnn.n_qubits), "--depth", str(qnn.depth)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.peer_timeout)
+            print(done.stdout.strip() or json.dumps({"model": name, "error": done.stderr.strip().splitlines()[-1:]}),
+                  flush=True)
+        except subprocess.TimeoutExpired:
+            print(json.dumps({"model": name, "skipped": f"still compiling or running after {args.peer_timeout:.0f} s"}),
+                  flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["qnn", "mlp", "all"], default="all")
@@ -142,8 +171,18 @@ def main():
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's malloc as it is (default: models.keep_freed_memory)")
     parser.add_argument("--seconds", type=float, default=5.0, help="steady-state timing window per line")
+    parser.add_argument("--peers", action="store_true", help="time the same QNN step in qujax and PennyLane "
+                        "(each installed one in its own process; see peers.py), after our own QNN line")
+    parser.add_argument("--peer", choices=peers.PEERS, help=argparse.SUPPRESS)  # one peer, in this process
+    parser.add_argument("--peer-timeout", type=float, default=900.0, help="seconds a peer may take (default 900)")
     args = parser.parse_args()
     malloc = "system" if args.system_malloc or not models.keep_freed_memory() else "kept"
+    if args.peer:
+        print(json.dumps(peers.run_peer(args.peer, args.qubits or 10, args.depth or 6, args.seconds)), flush=True)
+        return
+    if args.peers:
+        run_peers(args)
+        return
 
     device = jax.devices()[0].platform
     batches = args.batch or ([256, 4096] if device == "gpu" else [256])
