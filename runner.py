@@ -99,7 +99,7 @@ def parse_args(description, presets, parts, argv=None, extra=None, optional=()):
     if args.devices is not None and args.devices < 1:
         parser.error(f"--devices must be at least 1, got {args.devices}")
     try:
-        models.Device(**device_settings(presets[args.preset]["device"], args))
+        models.Device(**device_settings(presets[args.preset].get("device", {}), args))
     except ValueError as err:
         parser.error(str(err))
     if args.ray not in (None, "local"):
@@ -129,7 +129,7 @@ def ray_head_problem(address, timeout=5.0):
 
 
 def device_settings(preset_device, args):
-    """The preset's device table with --noise, --shots and --shot-grad applied."""
+    """The preset's device table (none: the exact statevector) with --noise, --shots and --shot-grad applied."""
     given = {"noise": args.noise, "shots": args.shots, "shot_grad": args.shot_grad}
     return preset_device | {k: v for k, v in given.items() if v is not None}
 
@@ -141,8 +141,8 @@ def settings_for(args, presets, **extra):
         settings["runs"] = args.runs
     settings.update(preset=args.preset, seed=args.seed, dtype=args.dtype,
                     fidelity=fidelity.FIDELITIES[args.fidelity].as_dict(),
-                    device=device_settings(settings["device"], args),
-                    export_circuits=args.export_circuits or settings["export_circuits"], **extra)
+                    device=device_settings(settings.get("device", {}), args),
+                    export_circuits=args.export_circuits or settings.get("export_circuits", False), **extra)
     return settings
 
 
