@@ -18,6 +18,8 @@ import fidelity
 import models
 import poison_unlearn as pu
 import run_unlearn_mnist as mnist_script
+import runner
+import units
 
 
 def random_states(rng, count, n):
@@ -242,9 +244,6 @@ def test_export_circuits_writes_each_qnn_teacher_as_openqasm(smoke_results):
 
 
 def test_the_device_part_is_one_unit_per_grid_point_measured_on_its_device():
-    import runner
-    import units
-
     args = runner.parse_args("", mnist_script.PRESETS, mnist_script.PARTS, ["--preset", "smoke", "--parts", "device"],
                              optional=mnist_script.OPTIONAL)
     assert args.parts == ["device_phase", "device_unlearn", "device_audit"]
