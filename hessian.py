@@ -119,8 +119,14 @@ def exact_trace(land, params, xs, ys, dim, chunk=512):
         zs = np.zeros((chunk, dim), models.real_dtype())
         width = min(chunk, dim - begin)
         zs[:width, begin:begin + width] = eye[:width, :width]
-        total += float(np.sum(quadratic_forms(land, params, xs, ys, jnp.asarray(zs))))
+        total += float(np.sum(hessian_forms(land, params, xs, ys, jnp.asarray(zs))))
     return total
+
+
+def hessian_forms(land, params, xs, ys, zs):
+    """:func:`quadratic_forms` through the engine's executor (one Hessian-vector product per row of ``zs``)."""
+    return models.EXECUTOR.call(("forms", land), partial(quadratic_forms, land), (params, xs, ys, zs),
+                                work=2 * len(zs) * len(ys))
 
 
 def spectral_density(nodes, weights, grid, sigma):
@@ -139,17 +145,21 @@ def analyse(land, params, xs, ys, key, *, lanczos_steps=80, probes=100, top=5, t
     """
     dim = land.loss(params, xs, ys)[1].shape[0]
     if dim <= EXACT_MAX_PARAMS:
-        eigs = np.linalg.eigvalsh(np.asarray(hessian_matrix(land, params, xs, ys)))
+        matrix = models.EXECUTOR.call(("hessian", land), partial(hessian_matrix, land), (params, xs, ys),
+                                      work=2 * dim * len(ys))  # a Hessian-vector product: two passes
+        eigs = np.linalg.eigvalsh(np.asarray(matrix))
         return {"method": "exact", "trace": float(eigs.sum()), "top_eigs": eigs[::-1][:top], "nodes": eigs[None],
                 "weights": np.full((1, dim), 1.0 / dim)}
     dtype = models.real_dtype()
     k_top, k_slq, k_trace = jax.random.split(key, 3)
     starts = jnp.concatenate([jax.random.normal(k_top, (1, dim), dtype), rademacher(k_slq, probes, dim, dtype)])
-    nodes, weights = quadrature(lanczos_tridiagonals(land, params, xs, ys, starts, lanczos_steps))
+    nodes, weights = quadrature(models.EXECUTOR.call(
+        ("lanczos", land, lanczos_steps), lambda *a: lanczos_tridiagonals(land, *a, lanczos_steps),
+        (params, xs, ys, starts), work=2 * len(starts) * lanczos_steps * len(ys)))
     if trace == "exact":
         trace = exact_trace(land, params, xs, ys, dim)
     else:
-        trace = float(jnp.mean(quadratic_forms(land, params, xs, ys, rademacher(k_trace, probes, dim, dtype))))
+        trace = float(jnp.mean(hessian_forms(land, params, xs, ys, rademacher(k_trace, probes, dim, dtype))))
     return {"method": "lanczos", "trace": trace, "top_eigs": nodes[0, ::-1][:top], "nodes": nodes[1:],
             "weights": weights[1:]}
 

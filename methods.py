@@ -407,7 +407,8 @@ def evaluate(pop, params, chunk=None):
     """``unlearn_metrics`` of parameters of each run on the population's sets: one program per model and shapes,
     shared by every method (it gives their epoch 0)."""
     metrics, compile_s, _ = models.map_runs(("evaluate", pop.model), _evaluation_program(pop.model),
-                                            (params, pop.inputs), pop.shared, chunk=chunk)
+                                            (params, pop.inputs), pop.shared, chunk=chunk,
+                                            work=models.forward_rows(pop.inputs) / 3)
     return metrics, compile_s
 
 
@@ -457,14 +458,14 @@ def _with_epoch_zero(pop, start, history, chunk):
 def _run_step(method, pop, rng_of, aux, *, schedule, recipe, every_epoch, chunk):
     trainer = models.Trainer(pop.model, recipe=recipe)
     keys = jnp.stack([models.rng_key(rng_of(d, "step")) for d in pop.draws])
+    n_params = models.param_count(jax.tree.map(lambda a: a[0], pop.params))
+    products = (n_params if n_params <= NEWTON_EXACT_MAX else NEWTON_CG_STEPS) if method.step is newton_step else 0
+    evals = pop.inputs["retain_y"].shape[1] * (1 + 2 * products)  # at most; a product: forward + reverse pass
     (params, metrics), compile_s, run_s = models.map_runs(
         (trainer, method.step), step_program(trainer, method.step), (pop.params, aux, keys), pop.shared,
-        chunk=chunk)
+        chunk=chunk, work=evals)
     if every_epoch:  # epoch 0 = the teacher, then the stepped model at every epoch
         metrics, seconds = _with_epoch_zero(pop, pop.params, jax.tree.map(
             lambda a: np.repeat(a[:, None], schedule.epochs, 1), metrics), chunk)
         compile_s += seconds
-    n_params = models.param_count(jax.tree.map(lambda a: a[0], pop.params))
-    products = (n_params if n_params <= NEWTON_EXACT_MAX else NEWTON_CG_STEPS) if method.step is newton_step else 0
-    evals = pop.inputs["retain_y"].shape[1] * (1 + 2 * products)  # at most; a product: forward + reverse pass
     return Outcome(params, metrics, run_s / pop.runs, compile_s, np.full(pop.runs, evals))

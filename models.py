@@ -897,7 +897,6 @@ class Trained(NamedTuple):
 
 MESH = None  # the one-axis device mesh of the run axis, set by use_devices (None: one device, no sharding)
 MIN_RUNS_PER_DEVICE = 2  # XLA compiles a batch of one run without its batch axis, with other rounding: pad to two
-_EXECUTABLES = {}
 
 
 def use_devices(count=None):
@@ -927,15 +926,40 @@ def place(per_run, shared):
             jax.device_put(shared, jax.sharding.NamedSharding(MESH, spec())))
 
 
-def _compiled(key, program, args):
-    """``program`` (jitted) compiled ahead of time for these argument shapes, once per key; and compile seconds."""
+def compile_key(key, args):
+    """What one compilation is for: a program's key, its arguments' structure and shapes, and the devices."""
     leaves, tree = jax.tree.flatten(args)
-    key = (key, tree, device_count(), tuple((a.shape, str(a.dtype)) for a in leaves))
-    if key in _EXECUTABLES:
-        return _EXECUTABLES[key], 0.0
-    start = time.perf_counter()
-    _EXECUTABLES[key] = program.lower(*args).compile()
-    return _EXECUTABLES[key], time.perf_counter() - start
+    return key, tree, device_count(), tuple((a.shape, str(a.dtype)) for a in leaves)
+
+
+class Executor:
+    """Runs the engine's programs: compiles each (key, argument shapes) once, ahead of time, then executes it.
+
+    Every run-mapped program goes through ``EXECUTOR.run``; ``plan.Tally`` stands in for it to size a run without
+    running it (``--plan``), which is why each call states its ``work``: sample-gradient evaluations per run.
+    """
+
+    def __init__(self):
+        self.executables = {}
+
+    def run(self, key, program, args, *, runs, work):
+        """Outputs of ``program(*args)`` (``runs`` real runs of its width), compile and run seconds."""
+        ckey = compile_key(key, args)
+        compile_s = 0.0
+        if ckey not in self.executables:
+            start = time.perf_counter()
+            self.executables[ckey] = program.lower(*args).compile()
+            compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        res = jax.block_until_ready(self.executables[ckey](*args))
+        return res, compile_s, time.perf_counter() - start
+
+    def call(self, key, fn, args, *, work):
+        """``fn(*args)`` of a jitted function that is not run-mapped (the Hessian's), ``work`` as in ``run``."""
+        return fn(*args)
+
+
+EXECUTOR = Executor()
 
 
 def take_runs(tree, idx):
@@ -943,12 +967,13 @@ def take_runs(tree, idx):
     return jax.tree.map(lambda a: a[idx], tree)
 
 
-def map_runs(key, program, per_run, common=None, *, chunk=None):
+def map_runs(key, program, per_run, common=None, *, chunk=None, work=0.0):
     """Apply a jitted, run-vmapped ``program(*per_run, common)`` to R runs (leading axis of ``per_run``).
 
     Runs go through ``chunk`` at a time (default all), split across the devices of :func:`use_devices` with at
     least ``MIN_RUNS_PER_DEVICE`` each (so that sharded and unsharded runs round alike); a partial chunk is padded
     by repeating a run, so the shape, and hence the compilation, never changes.
+    ``work``: sample-gradient evaluations of one run (a forward pass counts a third), for ``--plan``.
     Returns ``(outputs as NumPy with leading axis R, compile seconds, run seconds without compilation)``.
     """
     num = len(jax.tree.leaves(per_run)[0])
@@ -957,10 +982,9 @@ def map_runs(key, program, per_run, common=None, *, chunk=None):
     for begin in range(0, num, width):
         idx = np.minimum(np.arange(begin, begin + width), num - 1)
         args = place(take_runs(per_run, idx), common)
-        exe, seconds = _compiled(key, program, (*args[0], args[1]))
-        start = time.perf_counter()
-        res = jax.block_until_ready(exe(*args[0], args[1]))
-        run_s += time.perf_counter() - start
+        res, seconds, run = EXECUTOR.run(key, program, (*args[0], args[1]), runs=min(width, num - begin),
+                                         work=work)
+        run_s += run
         compile_s += seconds
         out.append(jax.tree.map(lambda a: np.asarray(a)[: min(width, num - begin)], res))
     return jax.tree.map(lambda *parts: np.concatenate(parts), *out), compile_s, run_s
@@ -980,10 +1004,17 @@ def train_runs(trainer, params, data, plan, lr, *, aux=None, shared=None, every_
     every_epoch = every_epoch or record is not None
     record = np.arange(epochs) >= (0 if every_epoch else epochs - 1) if record is None else np.asarray(record)
     per_run = (params, data, plan, lrs, {} if aux is None else aux)
+    work = plan["idx"][0].size + np.sum(record) * forward_rows(data) / 3  # the steps, then each recorded evaluation
     (params, history), compile_s, run_s = map_runs(trainer, compiled_runs(trainer), per_run,
-                                                   ({} if shared is None else shared, record), chunk=chunk)
+                                                   ({} if shared is None else shared, record), chunk=chunk, work=work)
     metrics = history if every_epoch else jax.tree.map(lambda a: a[:, -1], history)
     return Trained(params, metrics, compile_s, run_s)
+
+
+def forward_rows(per_run):
+    """Rows of one run's samples in per-run arrays (leading run axis, then rows): the ``*y`` label arrays'."""
+    return sum(a.shape[1] for path, a in jax.tree_util.tree_flatten_with_path(per_run)[0]
+               if str(getattr(path[-1], "key", "")).endswith("y") and np.ndim(a) >= 2)
 
 
 def stack_plans(plans):

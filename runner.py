@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import fidelity
 import models
+import plan
 import plots
 import results
 import units
@@ -74,6 +75,9 @@ def parse_args(description, presets, parts, argv=None, extra=None, optional=()):
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="run units as Ray tasks: a local Ray instance on 127.0.0.1, or the cluster whose head "
                         "(GCS) listens at ADDRESS (host:port)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print each part's units, trainings, sample-gradient evaluations and predicted wall time "
+                        "on this machine (a calibration of a few seconds), then stop; writes nothing")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete earlier results in --out made with other settings instead of refusing")
     for flag, kwargs in (extra or {}).items():
@@ -276,6 +280,9 @@ def main(dataset, description, presets, load, parts, argv=None, extra=None, extr
     except ValueError as err:
         fail(str(err))
     settings = settings_for(args, presets, dataset=dataset, **(extra_settings(args) if extra_settings else {}))
+    if args.plan:
+        print(plan.report(*plan.predict(units.Context(settings, load, study_data), args.parts)))
+        return None
     out = Path(args.out or Path("results") / dataset)
     try:
         results.check_settings(out, settings, overwrite=args.overwrite)
