@@ -27,6 +27,7 @@ class Fidelity:
     mnist_selection: str  # i: "first" (first 250 of each digit) | "seeded"
     mlp_precision: str = "dtype"  # j: "float32" (Keras' floatx, whatever --dtype) | "dtype" (results before j)
     mlp_optimizer: str = "optax"  # k: "keras" (Keras' Adam, epsilon before bias correction) | "optax" (before k)
+    qnn_precision: str = "dtype"  # l: "float32" (TensorCircuit's implicit_randn default) | "dtype" (results before l)
     device: models.Device = models.Device()  # how QNNs are measured (--noise, --shots): config.json's "device"
 
     def recipe(self, kind, stage):
@@ -41,6 +42,11 @@ class Fidelity:
     def mlp_dtype(self):
         """The MLP's real dtype, or None for the process's (``--dtype``): item j."""
         return None if self.mlp_precision == "dtype" else self.mlp_precision
+
+    @property
+    def qnn_dtype(self):
+        """The real dtype of the QNN's parameters, or None for the process's (``--dtype``): item l."""
+        return None if self.qnn_precision == "dtype" else self.qnn_precision
 
     def as_dict(self):
         """The definitions (config.json's "fidelity"; the device is recorded apart)."""
@@ -72,9 +78,10 @@ DIVERGENCES = {
 
 PAPER = Fidelity("paper", mnist_encoding="columns", feature_noise="paper", scrub_divergence="one_sided",
                  scrub_forget_inputs="clean", xxz_unlearn_qnn="realified", teachers="shared", hessian="paper",
-                 qnn_training="paper", mnist_selection="first", mlp_precision="float32", mlp_optimizer="keras")
+                 qnn_training="paper", mnist_selection="first", mlp_precision="float32", mlp_optimizer="keras",
+                 qnn_precision="float32")
 CORRECTED = Fidelity("corrected", mnist_encoding="unit", feature_noise="haar", scrub_divergence="bernoulli",
                      scrub_forget_inputs="poisoned", xxz_unlearn_qnn="complex", teachers="per_run",
                      hessian="corrected", qnn_training="engine", mnist_selection="seeded",
-                     mlp_precision="dtype", mlp_optimizer="optax")
+                     mlp_precision="dtype", mlp_optimizer="optax", qnn_precision="dtype")
 FIDELITIES = {"paper": PAPER, "corrected": CORRECTED}

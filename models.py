@@ -129,6 +129,7 @@ class QNN:
     ansatz: str = "rzz"
     group_size: int = 4
     readout: float = 5.0
+    precision: str | None = None  # the parameters' real dtype (None: the process's, set by --dtype)
 
     def __post_init__(self):
         if self.ansatz not in ANSATZ_ANGLES:
@@ -139,7 +140,7 @@ class QNN:
         return (self.depth, self.n_qubits, ANSATZ_ANGLES[self.ansatz])
 
     def init(self, key):
-        return 0.01 * jax.random.normal(key, self.param_shape, real_dtype())
+        return 0.01 * jax.random.normal(key, self.param_shape, self.precision or real_dtype())
 
     def prepare(self, xs):
         return jnp.asarray(np.asarray(xs), dtype=complex_dtype())

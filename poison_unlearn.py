@@ -43,18 +43,18 @@ OBSERVABLES = {"diagonal": models.DiagonalObservable, "unitary": models.UnitaryO
 QNN_VARIANTS = {"": {}, "cnot": {"ansatz": "cnot"}, "noent": {"ansatz": "noent"}, "scale20": {"readout": 20.0}}
 
 
-def build_model(kind, arch, dim, complex_inputs=False, *, mlp_precision=None, device=None):
+def build_model(kind, arch, dim, complex_inputs=False, *, mlp_precision=None, qnn_precision=None, device=None):
     """A model for inputs of length ``dim``: ``("qnn", "depth6")`` -> QNN on log2(dim) qubits (``"depth5-cnot"``:
     the CNOT-ring ansatz; ``"depth6-noent"``: no rzz ring; ``"depth6-scale20"``: readout sigmoid(20 <Z>));
     ``("mlp", "64-16")`` -> MLP on real features, in ``mlp_precision`` (default: the process's);
     ``("observable", "diagonal" | "unitary")`` -> a trained bounded observable (``models.DiagonalObservable``,
-    ``models.UnitaryObservable``). A QNN is measured on ``device`` (a ``models.Device``; None or an exact one: the
-    exact statevector)."""
+    ``models.UnitaryObservable``). A QNN's parameters are in ``qnn_precision`` (default: the process's), and it is
+    measured on ``device`` (a ``models.Device``; None or an exact one: the exact statevector)."""
     if kind == "qnn":
         depth, _, variant = arch.removeprefix("depth").partition("-")
         if variant not in QNN_VARIANTS:
             raise ValueError(f"unknown QNN variant {variant!r}; choose from {', '.join(QNN_VARIANTS)}")
-        qnn = models.QNN(int(math.log2(dim)), int(depth), **QNN_VARIANTS[variant])
+        qnn = models.QNN(int(math.log2(dim)), int(depth), **QNN_VARIANTS[variant], precision=qnn_precision)
         return qnn if device is None or device.exact else models.DeviceQNN(qnn, device)
     if kind == "mlp":
         return models.MLP(tuple(int(h) for h in arch.split("-")), in_dim=2 * dim if complex_inputs else dim,
@@ -65,10 +65,10 @@ def build_model(kind, arch, dim, complex_inputs=False, *, mlp_precision=None, de
 
 
 def model_for(ds, kind, arch, fid):
-    """The model of a resilience unit or an unlearning study; the MLP's precision follows fidelity item j, the QNN
-    is measured on the run's device."""
+    """The model of a resilience unit or an unlearning study; the MLP's and the QNN's parameter precision follow
+    fidelity items j and l, the QNN is measured on the run's device."""
     return build_model(kind, arch, ds.xs.shape[1], np.iscomplexobj(ds.xs), mlp_precision=fid.mlp_dtype,
-                       device=fid.device)
+                       qnn_precision=fid.qnn_dtype, device=fid.device)
 
 
 def poisoned_copy(ds, poison, alpha, *, seed, run, law="haar"):

@@ -103,6 +103,20 @@ def test_mlp_precision_follows_fidelity_item_j(tiny, study, precision, fid, dtyp
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params)), name
 
 
+@pytest.mark.parametrize("fid, dtype", [(fidelity.PAPER, np.float32), (fidelity.CORRECTED, np.float64)],
+                         ids=["paper", "corrected"])
+def test_qnn_parameter_precision_follows_fidelity_item_l(tiny, precision, fid, dtype):
+    """Under --dtype complex128 the authors' QNN parameters were float32 (TensorCircuit's implicit_randn) on
+    complex128 states; ours follow --dtype. Training and a one-shot step keep the parameters' precision."""
+    precision("complex128")
+    qnn = pu.Study("qnn", "depth1", "label_flip", 0.3, pu.Schedule(2, 16, 0.02), pu.Schedule(2, None, 0.005))
+    teachers = pu.train_teachers(tiny, qnn, runs=2, seed=0, fid=fid, shared_teacher=False)
+    assert models.param_dtype(teachers.params) == dtype and teachers.inputs["retain_x"].dtype == np.complex128
+    for name in ("finetune", "newton"):
+        params = run(name, teachers, qnn, every_epoch=False).params
+        assert params.dtype == dtype and np.isfinite(params).all(), name
+
+
 def test_item_k_gives_the_mlp_keras_adam_under_paper_and_optax_otherwise():
     for stage in ("train", "unlearn"):
         assert fidelity.PAPER.recipe("mlp", stage).optimizer is models.keras_adam
