@@ -184,7 +184,7 @@ def retain_fisher(model, params, xs):
     def add(total, x):
         logit, grads = jax.value_and_grad(lambda p: model.logits(p, jax.tree.map(lambda a: a[None], x))[0])(params)
         p = jax.nn.sigmoid(logit)
-        return jax.tree.map(lambda s, g: s + p * (1 - p) * g**2, total, grads), None
+        return jax.tree.map(lambda s, g: s + (p * (1 - p) * g**2).astype(s.dtype), total, grads), None  # item l
 
     total, _ = jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), xs)
     return jax.tree.map(lambda s: s / models.rows_of(xs), total)

@@ -112,7 +112,7 @@ def test_qnn_parameter_precision_follows_fidelity_item_l(tiny, precision, fid, d
     qnn = pu.Study("qnn", "depth1", "label_flip", 0.3, pu.Schedule(2, 16, 0.02), pu.Schedule(2, None, 0.005))
     teachers = pu.train_teachers(tiny, qnn, runs=2, seed=0, fid=fid, shared_teacher=False)
     assert models.param_dtype(teachers.params) == dtype and teachers.inputs["retain_x"].dtype == np.complex128
-    for name in ("finetune", "newton"):
+    for name in ("finetune", "scrub", "eu_k", "salun", "newton", "fisher"):  # logits are float64 on complex128
         params = run(name, teachers, qnn, every_epoch=False).params
         assert params.dtype == dtype and np.isfinite(params).all(), name
 
