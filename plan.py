@@ -76,7 +76,7 @@ class Tally:
     work: Counter = field(default_factory=Counter)  # model -> sample-gradient evaluations (padded runs included)
     flops: dict = field(default_factory=dict)  # model -> operations per sample-gradient
     flops_s: float = 0.0  # seconds spent counting them (the calibration's, not the run's)
-    probes: dict = field(default_factory=dict)  # family -> (work, model, program, arguments): its largest training
+    probes: dict = field(default_factory=dict)  # family -> (work, model, program, cut arguments, their work)
     trainings: int = 0
 
     def _record(self, key, program, args, work, mapped):
@@ -100,8 +100,8 @@ class Tally:
         if isinstance(key, models.Trainer):
             self.trainings += runs
             fam = family(key.model)
-            if work * width > self.probes.get(fam, (0,))[0]:
-                self.probes[fam] = (work * width, key.model, program, args)
+            if work * width > self.probes.get(fam, (0,))[0]:  # kept cut short: a run's arrays are freed as it goes
+                self.probes[fam] = (work * width, key.model, program, *truncated(args))
         return outputs, 0.0, 0.0
 
     def call(self, key, fn, args, *, work):
@@ -207,10 +207,9 @@ class Rate:
 
 
 def calibrate(probe, flops):
-    """Compile and time a family's probe training program (its work, model, program, arguments), cut short;
+    """Compile and time a family's probe (its largest training program, cut short by :func:`truncated`);
     ``flops``: the model's operations per sample-gradient."""
-    _, _, program, args = probe
-    args, work = truncated(args)
+    _, _, program, args, work = probe
     start = time.perf_counter()
     lowered = program.lower(*args)
     with uncached():
