@@ -2,6 +2,7 @@
 
     python run_unlearn_mnist.py                       # quick preset (minutes on a laptop CPU)
     python run_unlearn_mnist.py --preset paper        # the paper's settings (use a GPU)
+    python run_unlearn_mnist.py --preset paper --plan # its size and predicted time here; writes nothing
     python run_unlearn_mnist.py --fidelity corrected  # our repaired definitions instead of the authors'
     python run_unlearn_mnist.py --parts phase --runs 3 --out results/mnist_phase
 

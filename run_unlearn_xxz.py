@@ -2,6 +2,7 @@
 
     python run_unlearn_xxz.py                         # quick preset, 10 spins (minutes on a laptop CPU)
     python run_unlearn_xxz.py --preset paper          # the paper's settings, 12 spins (use a GPU)
+    python run_unlearn_xxz.py --preset paper --plan   # its size and predicted time here; writes nothing
     python run_unlearn_xxz.py --parts phase --qubits 8
 
 Writes phase.csv, controls.csv, memorise.csv, unlearn.csv, sweep.csv, audit.csv, config.json and figures/ into --out (default
