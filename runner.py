@@ -77,7 +77,7 @@ def parse_args(description, presets, parts, argv=None, extra=None, optional=()):
                         "(GCS) listens at ADDRESS (host:port)")
     parser.add_argument("--plan", action="store_true",
                         help="print each part's units, trainings, sample-gradient evaluations and predicted wall time "
-                        "on this machine (a calibration of a few seconds), then stop; writes nothing")
+                        "on this machine (after a short calibration), then stop; writes nothing")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete earlier results in --out made with other settings instead of refusing")
     for flag, kwargs in (extra or {}).items():
