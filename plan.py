@@ -5,11 +5,13 @@ program is traced but not compiled or run (``jax.eval_shape``; it returns zeros)
 per run, and its work, in sample-gradient evaluations, is summed per model. Host work (loading data, the plans of
 minibatches, the attacks' statistics, cross-validation's bookkeeping) runs as in a real run and is timed.
 
-A calibration of a few seconds then prices that work. For each family of models (a model class) it compiles and times one training program of the family, cut to a few steps: its compile seconds, and its rate in
-floating-point operations per second, where a model's operations per sample-gradient come from XLA's cost analysis
+A calibration of a few seconds then prices that work. For each family of models (a model class) it compiles and
+times one training program of the family, cut to a few steps: its compile seconds, and its rate in floating-point
+operations per second, where a model's operations per sample-gradient come from XLA's cost analysis
 of its gradient on one sample. Predicted seconds of a part = host seconds + each model's work times its operations
 per sample-gradient over its family's rate + its new compilations times the family's compile seconds. It assumes an
-empty compilation cache (a rerun that finds its programs on disk compiles less).
+empty compilation cache (a rerun that finds its programs on disk compiles less) and one unit at a time (``--jobs
+1``; two at a time overlap one's compilation with another's run, and finish sooner).
 """
 
 import time
@@ -206,6 +208,10 @@ class Rate:
     samples_per_s: float  # sample-gradient evaluations per second of the probe's model (for the report)
 
 
+UNCALIBRATED = Rate(flops_per_s=1e9, compile_s=1.0, compile_s_per_size=1e-5, samples_per_s=1e3)
+"""The rate assumed where no family trains (only closed-form parts: nothing to calibrate; their work is host work)."""
+
+
 def calibrate(probe, flops):
     """Compile and time a family's probe (its largest training program, cut short by :func:`truncated`);
     ``flops``: the model's operations per sample-gradient."""
@@ -231,7 +237,7 @@ def predict(ctx, parts):
     start = time.perf_counter()
     rates = {fam: calibrate(probe, flops[probe[1]]) for fam, probe in probes.items()}
     calibration_s = time.perf_counter() - start + flops_s
-    fallback = next(iter(rates.values()), Rate(1e9, 1.0, 1e-5, 1e3))
+    fallback = next(iter(rates.values()), UNCALIBRATED)
     for p in plans:
         engine = sum(w * flops[m] / rates.get(family(m), fallback).flops_per_s for m, w in p.work.items())
         compiling = sum(size * rates.get(family(m), fallback).compile_s_per_size for m, size in p.compile_size.items())
@@ -239,7 +245,8 @@ def predict(ctx, parts):
     return plans, rates, calibration_s
 
 
-def minutes(seconds):
+def duration(seconds):
+    """Seconds as a short text: seconds below 2 minutes, minutes below 2 hours, then hours."""
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
@@ -248,12 +255,12 @@ def report(plans, rates, calibration_s):
     lines = [f"{'part':<16}{'units':>6}{'trainings':>11}{'sample-gradients':>18}{'compiles':>10}{'predicted':>11}"]
     for p in plans:
         lines.append(f"{p.part:<16}{p.units:>6}{p.trainings:>11}{p.sample_gradients:>18.3g}"
-                     f"{sum(p.compiles.values()):>10}{minutes(p.predicted_s):>11}")
+                     f"{sum(p.compiles.values()):>10}{duration(p.predicted_s):>11}")
     lines.append(f"{'total':<16}{sum(p.units for p in plans):>6}{sum(p.trainings for p in plans):>11}"
                  f"{sum(p.sample_gradients for p in plans):>18.3g}{sum(sum(p.compiles.values()) for p in plans):>10}"
-                 f"{minutes(sum(p.predicted_s for p in plans)):>11}")
+                 f"{duration(sum(p.predicted_s for p in plans)):>11}")
     lines.append("calibration (" + f"{calibration_s:.1f} s, " + jax.devices()[0].platform + "): " + "; ".join(
         f"{fam} {r.samples_per_s:,.0f} sample-gradients/s, {r.compile_s:.1f} s per compilation"
         for fam, r in rates.items())
-        + "; from an empty compilation cache")
+        + "; from an empty compilation cache, one unit at a time")
     return "\n".join(lines)
