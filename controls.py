@@ -14,6 +14,7 @@ and ``operator_norm_barrier`` the smallest observable norm that fits a labelling
 """
 
 from dataclasses import asdict, replace
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -207,34 +208,59 @@ def defence_chunk(chunk):
     return None if chunk is None else max(chunk, DEFENCE_CHUNK)
 
 
+class DefenceTraining(NamedTuple):
+    """One MLP training of the defences: its cell (alpha, run, recipe, split), poisoned set, training rows, the
+    recipe's and the split's per-run arrays, and the identity its random draws derive from."""
+
+    cell: tuple
+    xs: np.ndarray
+    ys: np.ndarray
+    fit_rows: np.ndarray
+    aux: dict
+    draw: tuple
+
+
 def defence_trainings(ds, spec, poison, alphas, *, runs, seed, fid, cv_cfg, chunk=None):
     """Train the MLP with every trained candidate recipe (plain and each defence strength) on every (alpha, run) and
-    split (each cross-validation fold, then the full poisoned set) as one compiled program, recording the epochs
-    of the early-stopping grid and the last. Returns a :class:`DefenceRuns`."""
+    split (each cross-validation fold, then the full poisoned set), recording the epochs of the early-stopping grid
+    and the last. Trainings with the same minibatches per epoch share a compiled program (a fold's plan is not
+    padded to the full set's steps, which would cost it a step per epoch that changes nothing). Returns a
+    :class:`DefenceRuns`."""
     sched = pu.Schedule(**spec["schedule"])
-    model = pu.model_for(ds, spec["model"], spec["arch"], fid)
     n, batch, folds = len(ds.ys), sched.batch or len(ds.ys), cv_cfg["folds"]
     trained = [c for c in candidates(cv_cfg) if c[0] != "early_stop"]
-    cells, sets, plans, auxes, draws = [], [], [], [], []
+    groups = {}  # minibatches per epoch -> [DefenceTraining]
     for (alpha, run), (xs, ys, idx) in cells_of(ds, poison, alphas, runs=runs, seed=seed, fid=fid):
         splits = [*cell_folds(seed, ds, poison, alpha, run, folds).split(xs, ys), (np.arange(n), np.arange(0))]
         for recipe in trained:
             for split, (fit_rows, held_rows) in enumerate(splits):
                 draw = ("defence", ds.name, ds.gauge, spec["arch"], poison, alpha, run, *recipe, split)
-                cells.append((alpha, run, recipe, split))
-                sets.append((xs, ys))
-                plans.append(models.subset_plan(models.unit_rng(seed, "order", *draw), fit_rows, n, batch,
-                                                sched.epochs))
-                auxes.append(models.defence_aux(*recipe) | row_masks(n, idx, held_rows))
-                draws.append(draw)
-    data = {"x": model.prepare(np.stack([s[0] for s in sets])), "y": np.stack([s[1] for s in sets])}
-    params0 = models.init_runs(model, np.stack([models.unit_key(seed, "init", *d) for d in draws]))
+                groups.setdefault(-(-len(fit_rows) // batch), []).append(DefenceTraining(
+                    (alpha, run, recipe, split), xs, ys, fit_rows,
+                    models.defence_aux(*recipe) | row_masks(n, idx, held_rows), draw))
+    cells, metrics = [], []
+    for steps, group in sorted(groups.items()):
+        cells += [t.cell for t in group]
+        metrics.append(train_defences(ds, spec, group, steps=steps, seed=seed, fid=fid, cv_cfg=cv_cfg, chunk=chunk))
+    return DefenceRuns(cells, {k: np.concatenate([m[k] for m in metrics]) for k in metrics[0]}, cv_cfg, sched.epochs)
+
+
+def train_defences(ds, spec, group, *, steps, seed, fid, cv_cfg, chunk):
+    """The recorded metrics of one group of :func:`defence_trainings` (``steps`` minibatches per epoch each)."""
+    sched = pu.Schedule(**spec["schedule"])
+    model = pu.model_for(ds, spec["model"], spec["arch"], fid)
+    batch = sched.batch or len(ds.ys)
+    data = {"x": model.prepare(np.stack([t.xs for t in group])), "y": np.stack([t.ys for t in group])}
+    plans = [models.subset_plan(models.unit_rng(seed, "order", *t.draw), t.fit_rows, steps * batch, batch,
+                                sched.epochs) for t in group]
+    params0 = models.init_runs(model, np.stack([models.unit_key(seed, "init", *t.draw) for t in group]))
     record = np.isin(np.arange(1, sched.epochs + 1), [*cv_cfg["stop_epochs"], sched.epochs])
     out = models.train_runs(models.Trainer(model, loss=models.defended_loss, batch_size=batch,
                                            recipe=replace(fid.recipe("mlp", "train"), weight_decay=True)),
-                            params0, data, models.stack_plans(plans), sched.lr, aux=models.stack_plans(auxes),
-                            shared=pu.shared_validation(model, ds), record=record, chunk=chunk)
-    return DefenceRuns(cells, out.metrics, cv_cfg, sched.epochs)
+                            params0, data, models.stack_plans(plans), sched.lr,
+                            aux=models.stack_plans([t.aux for t in group]), shared=pu.shared_validation(model, ds),
+                            record=record, chunk=chunk)
+    return out.metrics
 
 
 class DefenceRuns:

@@ -15,6 +15,7 @@ import ctypes
 import functools
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -66,15 +67,20 @@ def set_precision(dtype):
     tc.set_dtype(dtype)
 
 
+PRECISION_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def precision(dtype):
-    """Circuits and parameters in ``dtype`` inside the block, the process's previous precision after it."""
-    previous = str(complex_dtype())
-    set_precision(dtype)
-    try:
-        yield
-    finally:
-        set_precision(previous)
+    """Circuits and parameters in ``dtype`` inside the block, the process's previous precision after it. The
+    precision is the process's: threads that enter such a block take turns."""
+    with PRECISION_LOCK:
+        previous = str(complex_dtype())
+        set_precision(dtype)
+        try:
+            yield
+        finally:
+            set_precision(previous)
 
 
 def complex_dtype():
@@ -941,16 +947,18 @@ class Executor:
     """
 
     def __init__(self):
-        self.executables = {}
+        self.executables, self.compiling = {}, {}
 
     def run(self, key, program, args, *, runs, work):
-        """Outputs of ``program(*args)`` (``runs`` real runs of its width), compile and run seconds."""
+        """Outputs of ``program(*args)`` (``runs`` real runs of its width), compile and run seconds. Thread-safe:
+        a thread that needs a program another is compiling waits for it."""
         ckey = compile_key(key, args)
         compile_s = 0.0
-        if ckey not in self.executables:
-            start = time.perf_counter()
-            self.executables[ckey] = program.lower(*args).compile()
-            compile_s = time.perf_counter() - start
+        with self.compiling.setdefault(ckey, threading.Lock()):
+            if ckey not in self.executables:
+                start = time.perf_counter()
+                self.executables[ckey] = program.lower(*args).compile()
+                compile_s = time.perf_counter() - start
         start = time.perf_counter()
         res = jax.block_until_ready(self.executables[ckey](*args))
         return res, compile_s, time.perf_counter() - start
@@ -971,14 +979,16 @@ def take_runs(tree, idx):
 def map_runs(key, program, per_run, common=None, *, chunk=None, work=0.0):
     """Apply a jitted, run-vmapped ``program(*per_run, common)`` to R runs (leading axis of ``per_run``).
 
-    Runs go through ``chunk`` at a time (default all), split across the devices of :func:`use_devices` with at
-    least ``MIN_RUNS_PER_DEVICE`` each (so that sharded and unsharded runs round alike); a partial chunk is padded
-    by repeating a run, so the shape, and hence the compilation, never changes.
+    Runs go through at most ``chunk`` at a time (default all), in calls of one width that pads least, split across
+    the devices of :func:`use_devices` with at least ``MIN_RUNS_PER_DEVICE`` each (so that sharded and unsharded
+    runs round alike); a partial call is padded by repeating a run, so the shape, and hence the compilation, never
+    changes.
     ``work``: sample-gradient evaluations of one run (a forward pass counts a third), for ``--plan``.
     Returns ``(outputs as NumPy with leading axis R, compile seconds, run seconds without compilation)``.
     """
     num = len(jax.tree.leaves(per_run)[0])
-    width = max(-(-min(chunk or num, num) // device_count()), MIN_RUNS_PER_DEVICE) * device_count()
+    calls = -(-num // min(chunk or num, num))
+    width = max(-(-num // (calls * device_count())), MIN_RUNS_PER_DEVICE) * device_count()  # balanced: least padding
     out, compile_s, run_s = [], 0.0, 0.0
     for begin in range(0, num, width):
         idx = np.minimum(np.arange(begin, begin + width), num - 1)

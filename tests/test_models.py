@@ -207,6 +207,19 @@ def test_a_plan_stopped_after_k_epochs_trains_as_k_epochs_and_a_subset_plan_draw
     subset = models.subset_plan(np.random.default_rng(2), [1, 4, 6], 8, 4, 3)
     assert subset["idx"].shape == five["idx"][:3].shape  # the full set's shape, two steps per epoch
     assert set(subset["idx"][subset["mask"]]) == {1, 4, 6} and subset["mask"].sum() == 9
+    own = models.subset_plan(np.random.default_rng(2), [1, 4, 6], 4, 4, 3)  # shaped for its own rows: one step
+    assert own["idx"].shape == (3, 1, 4)
+    padded, alone = (models.train_runs(trainer, params, data, models.stack_plans([p]), 0.1, shared=shared)
+                     for p in (subset, own))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), padded.params, alone.params)
+
+
+def test_runs_go_through_calls_of_one_width_that_pads_least(monkeypatch):
+    widths, run = [], models.EXECUTOR.run
+    monkeypatch.setattr(models.EXECUTOR, "run", lambda key, program, args, **kw: widths.append(len(args[0])) or
+                        run(key, program, args, **kw))
+    out, _, _ = models.map_runs("double", jax.jit(lambda x, common: 2 * x), (np.arange(5.0),), {}, chunk=4)
+    assert widths == [3, 3] and out.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]  # not 4 + (1 padded to 4)
 
 
 def test_losses_and_divergences_by_hand():
