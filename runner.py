@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import os
+import queue
 import socket
 import sys
 import threading
@@ -27,6 +28,7 @@ import plots
 import results
 import units
 
+JOBS, MAX_JOBS = 2, 64  # units at a time in one process (--jobs), and the most allowed
 MAX_RUNS = 1024  # --runs above this is refused: memory grows with the runs of a unit
 RAY_CONNECT_S = 20.0  # a Ray cluster that does not answer within this is refused
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
@@ -72,6 +74,9 @@ def parse_args(description, presets, parts, argv=None, extra=None, optional=()):
                         help="write each QNN teacher of the unlearn part as OpenQASM 2 into circuits/ of --out")
     parser.add_argument("--devices", type=int, help="split the runs of every unit across this many local devices "
                         "(default: all; results are identical)")
+    parser.add_argument("--jobs", type=int, default=JOBS, help=f"units of a part run this many at a time in this "
+                        f"process (default {JOBS}: one compiles while another runs; 1 halves the peak memory); "
+                        "results are identical")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="run units as Ray tasks: a local Ray instance on 127.0.0.1, or the cluster whose head "
                         "(GCS) listens at ADDRESS (host:port)")
@@ -100,6 +105,8 @@ def parse_args(description, presets, parts, argv=None, extra=None, optional=()):
         parser.error(f"unknown dtype {args.dtype!r}; choose complex64 or complex128")
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is an existing file, not a folder")
+    if not 1 <= args.jobs <= MAX_JOBS:
+        parser.error(f"--jobs must be between 1 and {MAX_JOBS}, got {args.jobs}")
     if args.devices is not None and args.devices < 1:
         parser.error(f"--devices must be at least 1, got {args.devices}")
     try:
@@ -221,8 +228,8 @@ def _on_worker(settings, load, study_data, part, key, devices, fail_once_dir):
     return unit.work(ctx), time.perf_counter() - start
 
 
-def run_part(out, part, ctx, config, *, ray=None, devices=None):
-    """Run the pending units of a part, serially or as Ray tasks; the driver appends each unit's rows."""
+def run_part(out, part, ctx, config, *, ray=None, devices=None, jobs=1):
+    """Run the pending units of a part, ``jobs`` at a time or as Ray tasks; the driver appends each unit's rows."""
     spec = units.PARTS[part]
     table = results.Table(out, spec)
     done = table.done()
@@ -230,7 +237,7 @@ def run_part(out, part, ctx, config, *, ray=None, devices=None):
     pending = [u for u in all_units if spec.unit_key(u.key) not in done]
     start = time.perf_counter()
     with tqdm(total=len(all_units), initial=len(all_units) - len(pending), desc=part, unit="unit") as bar:
-        for unit, (finished, seconds) in _results(part, ctx, pending, ray, devices):
+        for unit, (finished, seconds) in _results(part, ctx, pending, ray, devices, jobs):
             for name, arrays in finished.arrays.items():  # before the rows: finished rows imply their arrays
                 results.save_arrays(Path(out) / name, arrays)
             for name, text in finished.files.items():
@@ -244,12 +251,11 @@ def run_part(out, part, ctx, config, *, ray=None, devices=None):
     return table.path
 
 
-def _results(part, ctx, pending, ray, devices):
-    """(unit, (Done, seconds)) of each pending unit as it finishes."""
+def _results(part, ctx, pending, ray, devices, jobs=1):
+    """(unit, (Done, seconds)) of each pending unit as it finishes: ``jobs`` at a time in this process, or as Ray
+    tasks."""
     if ray is None:
-        for unit in pending:
-            start = time.perf_counter()
-            yield unit, (unit.work(ctx), time.perf_counter() - start)
+        yield from in_threads(lambda unit: timed(unit.work, ctx), pending, jobs)
         return
     task = ray.remote(max_retries=3)(_on_worker)
     refs = {task.remote(ctx.settings, ctx.load, ctx.study_data, part, unit.key, devices,
@@ -260,11 +266,47 @@ def _results(part, ctx, pending, ray, devices):
         yield unit, ray.get(ready[0])
 
 
-def run_parts(out, parts, ctx, config, *, ray, devices, progress):
+def timed(fn, *args):
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
+
+
+def in_threads(fn, items, jobs):
+    """``(item, fn(item))`` for each of ``items`` as it finishes, ``jobs`` at a time on daemon threads: while one
+    compiles (XLA holds no Python lock then) another runs, and a unit's host work overlaps another's programs. An
+    exception in ``fn`` is raised here, after which no new item starts."""
+    todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    for item in items:
+        todo.put(item)
+
+    def worker():
+        while not stop.is_set():
+            try:
+                item = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((item, fn(item), None))
+            except BaseException as err:  # noqa: BLE001 - handed to the driver, which raises it
+                done.put((item, None, err))
+
+    for _ in range(min(jobs, len(items))):
+        threading.Thread(target=worker, daemon=True).start()
+    try:
+        for _ in items:
+            item, result, err = done.get()
+            if err is not None:
+                raise err
+            yield item, result
+    finally:
+        stop.set()
+
+
+def run_parts(out, parts, ctx, config, *, ray, devices, jobs, progress):
     """Each part in turn: its pending units, config.json, its figures. ``progress['part']`` names the current one."""
     for part in parts:
         progress["part"] = part
-        csv_path = run_part(out, part, ctx, config, ray=ray, devices=devices)
+        csv_path = run_part(out, part, ctx, config, ray=ray, devices=devices, jobs=jobs)
         results.write_json(out / "config.json", config)
         figure = plots.save_part_figure(out, part, csv_path)
         print(f"[{part}] rows in {csv_path}" + (f", figure {figure}" if figure else ""))
@@ -294,12 +336,12 @@ def main(dataset, description, presets, load, parts, argv=None, extra=None, extr
         lock = results.lock(out)
         config = results.open_results(out, settings, files=[part.file for part in units.PARTS.values()],
                                       device=device_description(), overwrite=args.overwrite)
-        config["execution"] = {"devices": devices, "ray": args.ray,
+        config["execution"] = {"devices": devices, "jobs": None if ray else args.jobs, "ray": args.ray,
                                "ray_gcs": ray.get_runtime_context().gcs_address if ray else None}
         started = time.perf_counter()
         with lock:
             run_parts(out, args.parts, units.Context(settings, load, study_data), config, ray=ray,
-                      devices=args.devices, progress=progress)
+                      devices=args.devices, jobs=args.jobs, progress=progress)
     except results.ResultsError as err:
         fail(str(err))
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ context from the settings and run it too; workers look units up by key.
 """
 
 import functools
+import threading
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -41,11 +42,13 @@ class Context:
         self.seed, self.runs = settings["seed"], settings["runs"]
         self.chunk = CHUNKS[settings["runs_per_program"]](self.runs)  # runs per compiled program, every training
         self._data, self._populations = {}, {}
+        self._loading, self._training = threading.Lock(), {}  # units may run in threads (runner --jobs)
 
     def data(self, gauge=None):
         gauge = gauge or self.settings["gauge"]
-        if gauge not in self._data:
-            self._data[gauge] = self.load(self.settings, gauge)
+        with self._loading:  # one at a time: gauges of a dataset share its cache file
+            if gauge not in self._data:
+                self._data[gauge] = self.load(self.settings, gauge)
         return self._data[gauge]
 
     def studies(self, swept=False):
@@ -62,11 +65,12 @@ class Context:
         """Teachers of a study (``runs``, default --runs): shared or per run as the fidelity says, unless told."""
         shared = self.fid.teachers == "shared" if shared_teacher is None else shared_teacher
         key = (study, runs or self.runs, shared)
-        if key not in self._populations:
-            ds = self.study_dataset(study)
-            defences = TEACHER_RECIPES[study.recipe](self, ds, study, pu.teacher_count(key[1], shared))
-            self._populations[key] = pu.train_teachers(ds, study, runs=key[1], seed=self.seed, fid=self.fid,
-                                                       shared_teacher=shared, defences=defences, chunk=self.chunk)
+        with self._training.setdefault(key, threading.Lock()):  # a unit that needs teachers in training waits
+            if key not in self._populations:
+                ds = self.study_dataset(study)
+                defences = TEACHER_RECIPES[study.recipe](self, ds, study, pu.teacher_count(key[1], shared))
+                self._populations[key] = pu.train_teachers(ds, study, runs=key[1], seed=self.seed, fid=self.fid,
+                                                           shared_teacher=shared, defences=defences, chunk=self.chunk)
         return self._populations[key]
 
 

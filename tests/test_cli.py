@@ -11,6 +11,7 @@ from conftest import ROOT
 import results
 import run_unlearn_mnist as mnist_script
 import run_unlearn_xxz as xxz_script
+import runner
 
 
 def run_mnist(*argv):
@@ -24,7 +25,7 @@ def run_xxz(*argv):
 @pytest.mark.parametrize("argv", [["--preset", "huge"], ["--parts", "phase,dance"], ["--runs", "0"],
                                   ["--runs", "100000000"], ["--dtype", "complex32"], ["--seed", "x"],
                                   ["--seed", "-1"], ["--fidelity", "loose"], ["--devices", "0"],
-                                  ["--devices", "64"], ["--ray", "127.0.0.1:9"]])
+                                  ["--devices", "64"], ["--jobs", "0"], ["--jobs", "65"], ["--ray", "127.0.0.1:9"]])
 def test_bad_arguments_one_line_exit_2_nothing_written(argv, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
@@ -100,6 +101,13 @@ def test_two_runs_into_one_folder_one_writes_and_ctrl_c_ends_in_one_line(tmp_pat
     assert len(phase) == len(set(phase)) == 1 + 4 * 2 * 2  # 4 units x 2 alphas x 2 runs, once each
     run_mnist("--preset", "smoke", "--parts", "phase", "--out", str(out))
     assert read_lines(out / "phase.csv") == phase  # resumed: nothing left to do in this part
+
+
+def test_units_in_threads_come_back_as_each_finishes_and_a_fault_is_raised_in_the_driver():
+    slow_first = runner.in_threads(lambda x: time.sleep(x / 10) or x * x, [5, 0, 1], jobs=2)
+    assert list(slow_first) == [(0, 0), (1, 1), (5, 25)]  # not in submission order
+    with pytest.raises(ZeroDivisionError):
+        list(runner.in_threads(lambda x: 1 / x, [1, 0, 2], jobs=2))
 
 
 def default_sigint():

@@ -1,4 +1,5 @@
-"""Past one device: the run axis sharded across (simulated) devices, and units as Ray tasks, give the same rows."""
+"""Past one device: the run axis sharded across (simulated) devices, units in threads, and units as Ray tasks, give
+the same rows."""
 
 import json
 import os
@@ -22,11 +23,13 @@ def rows(path):
     return lines[0], sorted(lines[1:])
 
 
-def test_sharded_runs_give_the_rows_of_one_device(tmp_path):
+def test_sharded_runs_and_units_in_threads_give_the_rows_of_one_device_one_unit_at_a_time(tmp_path):
     two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    one = run_script("run_unlearn_xxz.py", tmp_path / "one", "--parts", "phase,unlearn", "--devices", "1", env=two)
+    one = run_script("run_unlearn_xxz.py", tmp_path / "one", "--parts", "phase,unlearn", "--devices", "1", "--jobs",
+                     "1", env=two)
     both = run_script("run_unlearn_xxz.py", tmp_path / "two", "--parts", "phase,unlearn", env=two)
-    assert json.loads((both / "config.json").read_text())["execution"]["devices"] == 2
+    execution = json.loads((both / "config.json").read_text())["execution"]
+    assert execution["devices"] == 2 and execution["jobs"] == 2  # and two units at a time (runner.JOBS)
     for table in ("phase.csv", "unlearn.csv"):
         assert rows(one / table) == rows(both / table)
 
