@@ -8,10 +8,12 @@ Faults end in one line: bad input (exit 2, nothing written), Ctrl-C (130, the sa
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -302,13 +304,32 @@ def in_threads(fn, items, jobs):
         stop.set()
 
 
+@contextlib.contextmanager
+def interrupts_held():
+    """A Ctrl-C (SIGINT) inside the block takes effect when it ends, so that a part's config.json and figures are
+    written whole: one arriving inside matplotlib's compiled code would surface there as a TypeError, not as a
+    KeyboardInterrupt. Outside the main thread (where no signal is handled) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # delivered now, to the handler the process had
+
+
 def run_parts(out, parts, ctx, config, *, ray, devices, jobs, progress):
     """Each part in turn: its pending units, config.json, its figures. ``progress['part']`` names the current one."""
     for part in parts:
         progress["part"] = part
         csv_path = run_part(out, part, ctx, config, ray=ray, devices=devices, jobs=jobs)
-        results.write_json(out / "config.json", config)
-        figure = plots.save_part_figure(out, part, csv_path)
+        with interrupts_held():
+            results.write_json(out / "config.json", config)
+            figure = plots.save_part_figure(out, part, csv_path)
         print(f"[{part}] rows in {csv_path}" + (f", figure {figure}" if figure else ""))
 
 

@@ -110,6 +110,15 @@ def test_units_in_threads_come_back_as_each_finishes_and_a_fault_is_raised_in_th
         list(runner.in_threads(lambda x: 1 / x, [1, 0, 2], jobs=2))
 
 
+def test_a_ctrl_c_while_a_part_writes_its_figures_takes_effect_once_they_are_written():
+    before, written = signal.getsignal(signal.SIGINT), []
+    with pytest.raises(KeyboardInterrupt):
+        with runner.interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            written.append("figures")
+    assert written == ["figures"] and signal.getsignal(signal.SIGINT) is before
+
+
 def default_sigint():
     """In the child: SIGINT's default disposition, even when the suite was started with SIGINT ignored (a shell's
     background job), in which case Python would install no KeyboardInterrupt handler."""
