@@ -70,10 +70,10 @@ SMOKE = merged(QUICK, SMOKE_LAYER, {  # seconds, for CI and the notebooks' self-
     "phase": {"alphas": [0.0, 0.5], "models": {
         "qnn": {"arch": "depth2", "schedule": schedule(2, 50, 0.05)}, "mlp": DROP,
         "mlp small": {"schedule": schedule(5, 50, 0.01)}}},
-    "unlearn": {"studies": {  # unequal epochs: the notebooks' "final epoch" must be taken per study
+    "unlearn": {"studies": {  # unequal epochs (the notebooks take each study's final epoch); the MLPs share programs
         "mlp": {"teacher": schedule(5, 50, 0.01), "unlearn": schedule(3, None, 0.001)},
         "qnn": {"arch": "depth2", "teacher": schedule(2, 50, 0.05), "unlearn": schedule(2, None, 0.01)},
-        "mlp tuned": {"arch": "16-4", "teacher": SMOKE_MLP, "unlearn": schedule(2, None, 0.001)}}},
+        "mlp tuned": {"arch": "16-4", "teacher": SMOKE_MLP, "unlearn": schedule(3, None, 0.001)}}},
     "controls": {"alphas": [0.0, 0.5], "cv": {"folds": 2, "ridge": [0.1], "k": [1, 3], "C": [1.0], "stop_epochs": [2]},
                  "models": {"mlp defences": {"arch": "16-4", "schedule": SMOKE_MLP}, "diagonal": DROP,
                             "unitary": {"schedule": SMOKE_QNN}, "linear": {"match": "depth2"},

@@ -277,22 +277,30 @@ def test_mlp_is_the_papers_keras_mlp(rng):
     net.set_weights([np.asarray(a) for layer in params for a in (layer["w"], layer["b"])])
     np.testing.assert_allclose(net(xs).numpy()[:, 0], model.apply(params, jnp.asarray(xs)), rtol=1e-5, atol=1e-6)
 
-    lr, steps = 0.01, 60
+    lr, steps, checks = 0.01, 60, (1, 2, 10, 60)
     net.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy")  # Keras' default epsilon, 1e-7
-    data = {"x": jnp.asarray(xs)[None], "y": jnp.asarray(ys)[None]}
+    full = models.ENGINE.plan(np.random.default_rng(0), 32, 32, steps)  # one step per epoch
 
-    def ours(recipe, epochs):
-        trainer = models.Trainer(model, batch_size=32, recipe=recipe)
-        out = models.train_runs(trainer, jax.tree.map(lambda a: a[None], params), data, plans(0, 1, 32, 32, epochs),
-                                lr, shared={"x_val": data["x"][0], "y_val": data["y"][0]}).params
-        return [np.asarray(a[0]) for layer in out for a in (layer["w"], layer["b"])]
+    def ours(recipe, stops):
+        """Weights after each of ``stops`` steps: one run per stop, in one program (a stopped plan's empty steps
+        change nothing)."""
+        runs = len(stops)
+        data = {"x": jnp.broadcast_to(jnp.asarray(xs), (runs, *xs.shape)), "y": jnp.broadcast_to(ys, (runs, 32))}
+        out = models.train_runs(models.Trainer(model, batch_size=32, recipe=recipe),
+                                jax.tree.map(lambda a: jnp.stack([a] * runs), params), data,
+                                models.stack_plans([models.stop_after(full, k) for k in stops]), lr,
+                                shared={"x_val": jnp.asarray(xs), "y_val": jnp.asarray(ys)}).params
+        return [[np.asarray(a[run]) for layer in out for a in (layer["w"], layer["b"])] for run in range(runs)]
 
+    keras_weights = {}
     for step in range(1, steps + 1):
         net.train_on_batch(xs, ys.astype(np.float32))
-        if step in (1, 2, 10, steps):
-            for got, want in zip(ours(models.KERAS, step), net.get_weights()):
-                np.testing.assert_allclose(got, want, atol=2e-6 * step)  # float32 gradients differ in the last bits
-    drift = max(np.abs(a - b).max() for a, b in zip(ours(models.ENGINE, steps), net.get_weights()))
+        keras_weights[step] = net.get_weights()
+    for step, weights in zip(checks, ours(models.KERAS, checks)):
+        for got, want in zip(weights, keras_weights[step]):
+            np.testing.assert_allclose(got, want, atol=2e-6 * step)  # float32 gradients differ in the last bits
+    [engine] = ours(models.ENGINE, [steps])
+    drift = max(np.abs(a - b).max() for a, b in zip(engine, keras_weights[steps]))
     assert drift > 1e-4  # optax's epsilon is applied after the bias correction: not Keras' Adam
 
 
