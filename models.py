@@ -305,10 +305,7 @@ class UnitaryObservable:
         return 2 * projector - jnp.eye(self.dim, dtype=projector.dtype)
 
     def logits(self, params, xs):
-        w = self._columns(params)
-        chol = jnp.linalg.cholesky(w.conj().T @ w)
-        coeffs = jax.scipy.linalg.solve_triangular(chol, w.conj().T @ xs.T, lower=True)  # ||P psi||^2 = ||coeffs||^2
-        inside = jnp.sum(jnp.abs(coeffs) ** 2, axis=0)
+        inside = projected_norms(self._columns(params), xs)
         return self.readout * (2 * inside - jnp.sum(jnp.abs(xs) ** 2, axis=1))
 
     def layers_from_output(self, params):
@@ -316,6 +313,32 @@ class UnitaryObservable:
 
     def apply(self, params, xs):
         return jax.nn.sigmoid(self.logits(params, xs))
+
+
+def _projection(w, xs):
+    """||P x||^2 of each row x of ``xs`` (P the projector onto the columns of ``w``), the Cholesky factor L of
+    W^dag W, and L^-1 W^dag x (whose squared norm it is), one column per row of ``xs``."""
+    chol = jnp.linalg.cholesky(w.conj().T @ w)
+    coeffs = jax.scipy.linalg.solve_triangular(chol, w.conj().T @ xs.T, lower=True)
+    return jnp.sum(jnp.abs(coeffs) ** 2, axis=0), chol, coeffs
+
+
+@jax.custom_jvp
+def projected_norms(w, xs):
+    """||P x||^2 of each row x of ``xs``, P = W (W^dag W)^-1 W^dag the orthogonal projector onto W's columns."""
+    return _projection(w, xs)[0]
+
+
+@projected_norms.defjvp
+def _projected_norms_jvp(primals, tangents):
+    """d||P x||^2 = 2 Re[(x - P x)^dag dW c + (P x)^dag dx] with c = (W^dag W)^-1 W^dag x: one product with the
+    tangent, and its transpose one product in the gradient, where differentiating through the Cholesky factor
+    costs several of the forward pass's."""
+    (w, xs), (dw, dxs) = primals, tangents
+    inside, chol, coeffs = _projection(w, xs)
+    c = jax.scipy.linalg.solve_triangular(chol.conj().T, coeffs, lower=False)
+    px = w @ c
+    return inside, 2 * jnp.real(jnp.sum((xs.T - px).conj() * (dw @ c) + px.conj() * dxs.T, axis=0))
 
 
 # ------------------------------------------------------------------------------------- on a device

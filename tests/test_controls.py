@@ -41,6 +41,33 @@ def test_observables_are_bounded_hermitian_operators_read_by_the_logit(kind, com
     np.testing.assert_allclose(np.asarray(model.logits(params, model.prepare(psi))), want, atol=1e-9)
 
 
+@pytest.mark.parametrize("complex_inputs", [False, True])
+def test_the_unitary_observables_derivatives_are_those_of_its_projectors_quadratic_form(complex_inputs, rng,
+                                                                                         precision):
+    """The analytic tangent of ||P x||^2 (``models.projected_norms``) against autodiff of <x|2P - 1|x> through
+    ``operator`` (a linear solve, no Cholesky factor): the loss's gradient, a forward-mode product (Gauss-Newton's),
+    a Hessian-vector product (Newton's) and the gradient in the inputs."""
+    precision("complex128")
+    model = models.UnitaryObservable(16, complex_inputs)
+    start = model.init(jax.random.PRNGKey(1))
+    params = start + 0.3 * jnp.asarray(rng.normal(size=start.shape))  # well away from the identity
+    psi = random_states(rng, 6, 16) if complex_inputs else np.real(random_states(rng, 6, 16)) * 1.3
+    xs, ys, v = model.prepare(psi), jnp.asarray([0, 1, 1, 0, 1, 0]), jnp.asarray(rng.normal(size=params.shape))
+
+    def reference(p, x):
+        return 5 * jnp.real(jnp.einsum("bi,ij,bj->b", x.conj(), model.operator(p), x))
+
+    def derivatives(logits):
+        def loss(p, x):
+            return jnp.mean(jax.nn.softplus(logits(p, x)) - ys * logits(p, x))
+
+        return (jax.grad(loss)(params, xs), jax.jvp(lambda p: logits(p, xs), (params,), (v,))[1],
+                jax.jvp(lambda p: jax.grad(loss)(p, xs), (params,), (v,))[1], jax.grad(loss, argnums=1)(params, xs))
+
+    for ours, want in zip(derivatives(model.logits), derivatives(reference), strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(want), rtol=1e-7, atol=1e-9)
+
+
 def test_the_unitary_observable_at_the_identity_reads_z_of_the_last_qubit(rng, precision):
     precision("complex128")
     model = models.UnitaryObservable(16, complex_inputs=True)
