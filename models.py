@@ -67,20 +67,29 @@ def set_precision(dtype):
     tc.set_dtype(dtype)
 
 
-PRECISION_LOCK = threading.RLock()
+_PRECISION = threading.Condition()
+_HELD = {"dtype": None, "threads": 0, "previous": None}  # the precision of the blocks now open, how many, and before
 
 
 @contextlib.contextmanager
 def precision(dtype):
     """Circuits and parameters in ``dtype`` inside the block, the process's previous precision after it. The
-    precision is the process's: threads that enter such a block take turns."""
-    with PRECISION_LOCK:
-        previous = str(complex_dtype())
-        set_precision(dtype)
-        try:
-            yield
-        finally:
-            set_precision(previous)
+    precision is the process's: threads in blocks of the same precision run together (the Hessian part's units),
+    and a block of another precision waits until they have all left."""
+    with _PRECISION:
+        _PRECISION.wait_for(lambda: _HELD["threads"] == 0 or _HELD["dtype"] == dtype)
+        if _HELD["threads"] == 0:
+            _HELD.update(dtype=dtype, previous=str(complex_dtype()))
+            set_precision(dtype)
+        _HELD["threads"] += 1
+    try:
+        yield
+    finally:
+        with _PRECISION:
+            _HELD["threads"] -= 1
+            if _HELD["threads"] == 0:
+                set_precision(_HELD["previous"])
+                _PRECISION.notify_all()
 
 
 def complex_dtype():

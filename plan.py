@@ -149,7 +149,7 @@ def tally_parts(ctx, parts):
         with executor(Tally()) as tally:
             part_units = units.PARTS[part].build_units(ctx)
             for unit in part_units:
-                unit.work(ctx)
+                units.run_unit(ctx, unit)
         new = [k for k in tally.shapes if k not in seen]
         seen.update(new)
         flops.update(tally.flops)

@@ -31,6 +31,7 @@ import results
 import units
 
 JOBS, MAX_JOBS = 2, 64  # units at a time in one process (--jobs), and the most allowed
+UNIT_THREAD = "unit worker"  # the name of the threads that run units (in_threads)
 MAX_RUNS = 1024  # --runs above this is refused: memory grows with the runs of a unit
 RAY_CONNECT_S = 20.0  # a Ray cluster that does not answer within this is refused
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
@@ -227,45 +228,88 @@ def _on_worker(settings, load, study_data, part, key, devices, fail_once_dir):
     ctx = _WORKER[cache_key]
     unit = units.find_unit(ctx, part, key)
     start = time.perf_counter()
-    return unit.work(ctx), time.perf_counter() - start
+    return units.run_unit(ctx, unit), time.perf_counter() - start
 
 
-def run_part(out, part, ctx, config, *, ray=None, devices=None, jobs=1):
-    """Run the pending units of a part, ``jobs`` at a time or as Ray tasks; the driver appends each unit's rows."""
-    spec = units.PARTS[part]
-    table = results.Table(out, spec)
-    done = table.done()
-    all_units = spec.build_units(ctx)
-    pending = [u for u in all_units if spec.unit_key(u.key) not in done]
-    start = time.perf_counter()
-    with tqdm(total=len(all_units), initial=len(all_units) - len(pending), desc=part, unit="unit") as bar:
-        for unit, (finished, seconds) in _results(part, ctx, pending, ray, devices, jobs):
-            for name, arrays in finished.arrays.items():  # before the rows: finished rows imply their arrays
-                results.save_arrays(Path(out) / name, arrays)
-            for name, text in finished.files.items():
-                results.write_text(Path(out) / name, text)
-            table.append(finished.rows)
+class PartProgress:
+    """The bookkeeping of one part in a run: its table, its pending units, how many are still out, and when its
+    first unit started and its last ended."""
+
+    def __init__(self, out, part, ctx):
+        self.part, self.spec = part, units.PARTS[part]
+        self.table = results.Table(out, self.spec)
+        done = self.table.done()
+        self.pending = [u for u in self.spec.build_units(ctx) if self.spec.unit_key(u.key) not in done]
+        self.left, self.started, self.ended = len(self.pending), None, None
+
+    def wall_s(self):
+        return 0.0 if self.started is None else self.ended - self.started
+
+    def record(self, out, unit, finished, seconds, config):
+        """Save what a finished unit made: its arrays and files first (finished rows imply them), then its rows."""
+        for name, arrays in finished.arrays.items():
+            results.save_arrays(Path(out) / name, arrays)
+        for name, text in finished.files.items():
+            results.write_text(Path(out) / name, text)
+        self.table.append(finished.rows)
+        self.left -= 1
+        self.ended = time.perf_counter()
+        tqdm.write(f"[{self.part}] {unit.label}: {finished.info} ({seconds:.1f} s)")
+        config.setdefault("unit_wall_s", {})[f"{self.part}: {unit.label}"] = round(seconds, 2)
+        config.setdefault("method_s", {}).update(finished.timings)
+
+
+def run_units(out, parts, ctx, config, *, ray=None, devices=None, jobs=1):
+    """``(part, path of its CSV)`` of each part once its units and those of every earlier part are in.
+
+    The pending units of all parts form one queue, ``jobs`` at a time in this process or as Ray tasks: a worker
+    that a part no longer needs starts the next part's units, so no core waits while a part's longest unit ends.
+    The driver appends each unit's rows. ``wall_s`` of a part: from its first unit's start to its last unit's end
+    (parts overlap, so these add up to more than the run)."""
+    progress = {part: PartProgress(out, part, ctx) for part in parts}
+    todo = [(part, unit) for part in parts for unit in progress[part].pending]
+    order = iter(parts)
+    next_part = next(order, None)
+
+    def started(part):
+        progress[part].started = progress[part].started or time.perf_counter()
+
+    def finished_parts():
+        nonlocal next_part
+        while next_part is not None and progress[next_part].left == 0:
+            run = progress[next_part]
+            config["wall_s"][next_part] = round(config["wall_s"].get(next_part, 0) + run.wall_s(), 2)
+            yield next_part, run.table.path
+            next_part = next(order, None)
+
+    with tqdm(total=len(todo), desc="units", unit="unit") as bar:
+        yield from finished_parts()
+        for (part, unit), (finished, seconds) in _results(ctx, todo, ray, devices, jobs, started):
+            progress[part].record(out, unit, finished, seconds, config)
             bar.update()
-            tqdm.write(f"[{part}] {unit.label}: {finished.info} ({seconds:.1f} s)")
-            config.setdefault("unit_wall_s", {})[f"{part}: {unit.label}"] = round(seconds, 2)
-            config.setdefault("method_s", {}).update(finished.timings)
-    config["wall_s"][part] = round(config["wall_s"].get(part, 0) + time.perf_counter() - start, 2)
-    return table.path
+            yield from finished_parts()
 
 
-def _results(part, ctx, pending, ray, devices, jobs=1):
-    """(unit, (Done, seconds)) of each pending unit as it finishes: ``jobs`` at a time in this process, or as Ray
-    tasks."""
+def _results(ctx, todo, ray, devices, jobs, started):
+    """((part, unit), (Done, seconds)) of each queued unit as it finishes: ``jobs`` at a time in this process, or
+    as Ray tasks. ``started(part)`` is called as a unit of ``part`` starts (on submission, with Ray)."""
     if ray is None:
-        yield from in_threads(lambda unit: timed(unit.work, ctx), pending, jobs)
+        def work(item):
+            started(item[0])
+            return timed(units.run_unit, ctx, item[1])
+
+        yield from in_threads(work, todo, jobs)
         return
     task = ray.remote(max_retries=3)(_on_worker)
-    refs = {task.remote(ctx.settings, ctx.load, ctx.study_data, part, unit.key, devices,
-                        os.environ.get("QMU_FAIL_ONCE_DIR")): unit for unit in pending}
+    refs = {}
+    for part, unit in todo:
+        started(part)
+        refs[task.remote(ctx.settings, ctx.load, ctx.study_data, part, unit.key, devices,
+                         os.environ.get("QMU_FAIL_ONCE_DIR"))] = (part, unit)
     while refs:
         ready, _ = ray.wait(list(refs), num_returns=1)
-        unit = refs.pop(ready[0])
-        yield unit, ray.get(ready[0])
+        item = refs.pop(ready[0])
+        yield item, ray.get(ready[0])
 
 
 def timed(fn, *args):
@@ -293,7 +337,7 @@ def in_threads(fn, items, jobs):
                 done.put((item, None, err))
 
     for _ in range(min(jobs, len(items))):
-        threading.Thread(target=worker, daemon=True).start()
+        threading.Thread(target=worker, name=UNIT_THREAD, daemon=True).start()
     try:
         for _ in items:
             item, result, err = done.get()
@@ -302,6 +346,21 @@ def in_threads(fn, items, jobs):
             yield item, result
     finally:
         stop.set()
+
+
+def run_script(main):
+    """A run script's entry point: ``main()``. Should it end (Ctrl-C, say) while units still run on worker threads,
+    the process leaves at once once its output is flushed (the rows are on disk, the folder's lock released): a
+    thread returning from compiled code into a finalising interpreter aborts it ("FATAL: exception not
+    rethrown")."""
+    try:
+        main()
+    except SystemExit as stop:
+        if any(t.name == UNIT_THREAD and t.is_alive() for t in threading.enumerate()):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stop.code if isinstance(stop.code, int) else 1)
+        raise
 
 
 @contextlib.contextmanager
@@ -323,14 +382,16 @@ def interrupts_held():
 
 
 def run_parts(out, parts, ctx, config, *, ray, devices, jobs, progress):
-    """Each part in turn: its pending units, config.json, its figures. ``progress['part']`` names the current one."""
-    for part in parts:
-        progress["part"] = part
-        csv_path = run_part(out, part, ctx, config, ray=ray, devices=devices, jobs=jobs)
-        with interrupts_held():
-            results.write_json(out / "config.json", config)
-            figure = plots.save_part_figure(out, part, csv_path)
-        print(f"[{part}] rows in {csv_path}" + (f", figure {figure}" if figure else ""))
+    """The units of every part (:func:`run_units`), then each part's config.json and figures, in the parts' order.
+    ``progress['part']`` names the earliest part not yet written."""
+    progress["part"] = parts[0] if parts else "setup"
+    with contextlib.closing(run_units(out, parts, ctx, config, ray=ray, devices=devices, jobs=jobs)) as written:
+        for part, csv_path in written:  # on Ctrl-C, closing it stops the workers from starting another unit
+            progress["part"] = parts[min(parts.index(part) + 1, len(parts) - 1)]
+            with interrupts_held():
+                results.write_json(out / "config.json", config)
+                figure = plots.save_part_figure(out, part, csv_path)
+            print(f"[{part}] rows in {csv_path}" + (f", figure {figure}" if figure else ""))
 
 
 def main(dataset, description, presets, load, parts, argv=None, extra=None, extra_settings=None, study_data=None,

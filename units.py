@@ -94,11 +94,13 @@ def mean_by(rows, column, metric):
 # --------------------------------------------------------------------------------------- units
 @dataclass(frozen=True)
 class Unit:
-    """A unit of work: its key (the columns that identify its rows), a label, and ``work(ctx) -> Done``."""
+    """A unit of work: its key (the columns that identify its rows), a label, ``work(ctx) -> Done``, and the
+    precision it runs in (None: the run's ``--dtype``)."""
 
     key: dict
     label: str
     work: object
+    precision: str | None = None
 
 
 class Done(NamedTuple):
@@ -110,6 +112,13 @@ class Done(NamedTuple):
     timings: dict = {}
     arrays: dict = {}
     files: dict = {}
+
+
+def run_unit(ctx, unit):
+    """``unit.work(ctx)`` in the unit's precision, or the run's: threads of one precision run together, and a
+    unit of another waits for them (``models.precision``)."""
+    with models.precision(unit.precision or ctx.settings["dtype"]):
+        return unit.work(ctx)
 
 
 def _phase(ctx, spec, gauge, poison):
@@ -326,15 +335,15 @@ def device_units(work, points_key):
 
 
 def _hessian(ctx, spec):
-    with models.precision("complex128"):
-        rows, spectra = hessian.hessian_unit(ctx.settings, spec, chunk=ctx.chunk)
+    rows, spectra = hessian.hessian_unit(ctx.settings, spec, chunk=ctx.chunk)
     return Done(rows, "trace by alpha " + mean_by(rows, "alpha", "trace"), arrays={"hessian_spectra.npz": spectra})
 
 
 def hessian_units(ctx):
-    """One unit per model of the Hessian study."""
+    """One unit per model of the Hessian study, in complex128 (the authors' precision for it)."""
     return [Unit({"model": spec["model"], "arch": spec["arch"]}, f"{spec['model']} {spec['arch']}",
-                 functools.partial(_hessian, spec=spec)) for spec in ctx.settings["hessian"]["models"].values()]
+                 functools.partial(_hessian, spec=spec), precision="complex128")
+            for spec in ctx.settings["hessian"]["models"].values()]
 
 
 # ------------------------------------------------------------------------------------ the parts

@@ -3,6 +3,7 @@
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -108,6 +109,42 @@ def test_units_in_threads_come_back_as_each_finishes_and_a_fault_is_raised_in_th
     assert list(slow_first) == [(0, 0), (1, 1), (5, 25)]  # not in submission order
     with pytest.raises(ZeroDivisionError):
         list(runner.in_threads(lambda x: 1 / x, [1, 0, 2], jobs=2))
+
+
+
+def test_units_in_threads_share_a_precision_block_and_a_block_of_another_precision_waits_for_them():
+    import models
+
+    inside, both_in, seen = threading.Barrier(2, timeout=10), threading.Event(), []
+
+    def unit(dtype):
+        if dtype == "complex64":
+            both_in.wait(10)
+        with models.precision(dtype):
+            if dtype == "complex128":
+                inside.wait()  # both complex128 units are in their blocks at once (a lock would time out here)
+                both_in.set()
+                time.sleep(0.2)
+            seen.append((dtype, str(models.complex_dtype())))
+
+    try:
+        done = [x for x, _ in runner.in_threads(unit, ["complex128", "complex128", "complex64"], jobs=3)]
+    finally:
+        models.set_precision("complex64")
+    assert seen == [("complex128", "complex128")] * 2 + [("complex64", "complex64")]  # it waited for both to leave
+    assert done[-1] == "complex64" and str(models.complex_dtype()) == "complex64"
+
+
+def test_a_unit_runs_in_its_own_precision_or_the_runs():
+    import types
+
+    import models
+    import units
+
+    ctx = types.SimpleNamespace(settings={"dtype": "complex64"})
+    seen = [units.run_unit(ctx, units.Unit({}, "u", lambda _: str(models.complex_dtype()), precision=p))
+            for p in ("complex128", None)]
+    assert seen == ["complex128", "complex64"] and str(models.complex_dtype()) == "complex64"
 
 
 def test_a_ctrl_c_while_a_part_writes_its_figures_takes_effect_once_they_are_written():

@@ -72,6 +72,30 @@ def test_a_rerun_resumes_with_the_pending_units_only(tmp_path, fake):
     assert fake == []
 
 
+def test_a_part_starts_while_the_one_before_ends_and_the_parts_are_written_in_order(tmp_path, monkeypatch, capsys):
+    """Unit 0 of part "slow" ends only once a unit of part "next" has run: one queue for all parts (a worker that
+    "slow" no longer needs starts "next"), and "next" is written after "slow", as its figures may read it."""
+    log, next_ran = [], threading.Event()
+
+    def work(ctx, part, index):
+        if (part, index) == ("slow", 0):
+            assert next_ran.wait(20), "the next part never started"
+        log.append((part, index))
+        if part == "next":
+            next_ran.set()
+        return units.Done([{"name": f"{part}{index}", "value": index, "pad": ""}], part)
+
+    for part, count in (("slow", 2), ("next", 1)):
+        monkeypatch.setitem(units.PARTS, part, units.Part(f"{part}.csv", ("name", "value", "pad"), ("name",), (
+            lambda ctx, part=part, count=count: [units.Unit({"name": f"{part}{i}"}, f"{part} {i}", functools.partial(
+                work, part=part, index=i)) for i in range(count)])))
+    out = runner.main("fake", "two fake parts", PRESETS, lambda settings, gauge: None, ["slow", "next"],
+                      ["--out", str(tmp_path / "p"), "--jobs", "2"])
+    assert log == [("slow", 1), ("next", 0), ("slow", 0)]
+    written = [line.split("]")[0] for line in capsys.readouterr().out.splitlines() if "rows in" in line]
+    assert written == ["[slow", "[next"] and len(rows(out / "slow.csv")) == 1 + 2
+
+
 def test_other_settings_are_refused_unless_overwrite(tmp_path, fake, capsys):
     out = run(tmp_path / "c")
     before = rows(out / "fake.csv")
