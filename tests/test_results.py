@@ -145,8 +145,8 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 
 def test_ctrl_c_ends_in_one_line_and_the_same_command_resumes(tmp_path, fake, capsys):
     presets = {"quick": PRESETS["quick"] | {"interrupt_at": 1}}
-    with pytest.raises(SystemExit) as stop:
-        run(tmp_path / "f", presets=presets)
+    with pytest.raises(SystemExit) as stop:  # one unit at a time: with two, unit 2 may finish before 1 is seen
+        run(tmp_path / "f", "--jobs", "1", presets=presets)
     err = error_lines(capsys)
     assert stop.value.code == 130 and len(err) == 1
     assert "interrupted in part fake" in err[0] and "1 finished units" in err[0] and "resumes" in err[0]
