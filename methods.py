@@ -47,10 +47,18 @@ class Population:
                           self.shared, [self.draws[i] for i in idx])
 
 
+def as_given(hp):
+    """A method whose loss or step reads its hyper-parameters themselves."""
+    return hp
+
+
 @dataclass(frozen=True)
 class Method:
     """An unlearning method (see the module docstring). ``hparams``: name -> default (the paper's where it has
-    one); ``key``: the hyper-parameter its sweep varies, over ``grid`` (the paper preset's values)."""
+    one); ``key``: the hyper-parameter its sweep varies, over ``grid`` (the paper preset's values). ``weights``
+    maps the hyper-parameters to what the loss reads: methods that differ only in the weights of one loss's terms
+    share its compiled program. ``forget_inputs``: the forget set a forget term reads, as trained ("trained") or
+    SCRUB's (``kl_x``, fidelity item d)."""
 
     loss: object = None
     step: object = None
@@ -59,6 +67,8 @@ class Method:
     plan: str = "epochs"
     mask: str = "all"
     hparams: dict = field(default_factory=dict)
+    weights: object = as_given
+    forget_inputs: str = "trained"
     key: str | None = None
     grid: tuple = ()
     whole_forget: bool = False  # the loss reads the whole forget set at every step (counted in grad_evals)
@@ -74,13 +84,10 @@ def _kl_term(t, teacher_logits, logits, mask):
     return t.recipe.reduce(t.recipe.kl(teacher_logits, logits), mask)
 
 
-def _retain_terms(t, logits, batch, mask, aux):
-    return models.ce_term(t, logits, batch["y"], mask) + _hp(aux, "kl_w") * _kl_term(t, batch["t"], logits, mask)
-
-
 def retain_loss(t, params, batch, mask, aux):
     """CE(retain) + kl_w KL(teacher || student)(retain): retrain, finetune, EU-k and CF-k (kl_w = 0)."""
-    return _retain_terms(t, t.model.logits(params, batch["x"]), batch, mask, aux)
+    logits = t.model.logits(params, batch["x"])
+    return models.ce_term(t, logits, batch["y"], mask) + _hp(aux, "kl_w") * _kl_term(t, batch["t"], logits, mask)
 
 
 def _with_forget_logits(t, params, batch, forget_x):
@@ -91,34 +98,25 @@ def _with_forget_logits(t, params, batch, forget_x):
     return logits[:rows], logits[rows:]
 
 
-def scrub_loss(t, params, batch, mask, aux):
-    """The paper's SCRUB: retain terms - fo_w KL(teacher || student) on the whole forget set."""
-    logits, forget = _with_forget_logits(t, params, batch, aux["kl_x"])
-    return _retain_terms(t, logits, batch, mask, aux) - _hp(aux, "fo_w") * jnp.mean(t.recipe.kl(aux["kl_t"], forget))
+def forget_term_loss(t, params, batch, mask, aux):
+    """ce CE(retain) + kl KL(teacher || student)(retain) - forget_kl KL(teacher || student)(forget set)
+    - forget_ce CE(forget set, its labels as trained), the forget terms over the whole forget set ``aux['forget']``
+    (inputs and teacher logits): SCRUB, gradient ascent and NegGrad+, whose weights (``Method.weights``) are
+    traced values, so the three share one compiled program."""
+    logits, forget = _with_forget_logits(t, params, batch, aux["forget"]["x"])
+    retain = (_hp(aux, "ce") * models.ce_term(t, logits, batch["y"], mask)
+              + _hp(aux, "kl") * _kl_term(t, batch["t"], logits, mask))
+    return (retain - _hp(aux, "forget_kl") * jnp.mean(t.recipe.kl(aux["forget"]["t"], forget))
+            - _hp(aux, "forget_ce") * jnp.mean(t.recipe.ce(forget, aux["trained_y"])))
 
 
-def _forget_ce(t, forget_logits, aux):
-    """Mean cross-entropy of the whole forget set, as trained (poisoned inputs and labels)."""
-    return jnp.mean(t.recipe.ce(forget_logits, aux["trained_y"]))
-
-
-def grad_ascent_loss(t, params, batch, mask, aux):
-    """Gradient ascent: retain terms - fo_w CE(forget set with its poisoned labels)."""
-    logits, forget = _with_forget_logits(t, params, batch, aux["trained_x"])
-    return _retain_terms(t, logits, batch, mask, aux) - _hp(aux, "fo_w") * _forget_ce(t, forget, aux)
-
-
-def neggrad_plus_loss(t, params, batch, mask, aux):
-    """NegGrad+ (Kurmanji et al. 2023): beta CE(retain) - (1 - beta) CE(forget, trained-with labels)."""
-    beta = _hp(aux, "beta")
-    logits, forget = _with_forget_logits(t, params, batch, aux["trained_x"])
-    return beta * models.ce_term(t, logits, batch["y"], mask) - (1 - beta) * _forget_ce(t, forget, aux)
-
-
-def distill_loss(t, params, batch, mask, aux):
-    """Bad teacher (Chundawat et al. 2023): Bernoulli KL to the row's teacher (competent on retain rows,
-    randomly initialised on forget rows), no temperature."""
-    return t.recipe.reduce(models.bernoulli_kl(batch["t"], t.model.logits(params, batch["x"])), mask)
+def joined_loss(t, params, batch, mask, aux):
+    """ce CE(row's label) + kl Bernoulli KL(row's teacher || student), no temperature, over retain and forget rows
+    (``Method.rows`` labels them and chooses their teachers): random labels, SalUn and bad teacher, one program."""
+    logits = t.model.logits(params, batch["x"])
+    per_row = _hp(aux, "ce") * t.recipe.ce(logits, batch["y"]) + _hp(aux, "kl") * models.bernoulli_kl(batch["t"],
+                                                                                                     logits)
+    return t.recipe.reduce(per_row, mask)
 
 
 def minmax_loss(t, params, batch, mask, aux):
@@ -128,6 +126,38 @@ def minmax_loss(t, params, batch, mask, aux):
     kl = models.bernoulli_kl(batch["t"], logits)
     per_row = jnp.where(batch["f"] > 0, -kl, t.recipe.ce(logits, batch["y"]) + _hp(aux, "kl_w") * kl)
     return t.recipe.reduce(per_row, mask)
+
+
+# ------------------------------------------------------------------- a method's hyper-parameters, as its loss's
+def retain_weights(hp):
+    """The retain terms alone (EU-k's and CF-k's ``k`` only chooses their mask)."""
+    return {"kl_w": hp["kl_w"]}
+
+
+def scrub_weights(hp):
+    """The paper's SCRUB: retain terms - fo_w KL(teacher || student) on the whole forget set (inputs ``kl_x``)."""
+    return {"ce": 1.0, "kl": hp["kl_w"], "forget_kl": hp["fo_w"], "forget_ce": 0.0}
+
+
+def grad_ascent_weights(hp):
+    """Gradient ascent: retain terms - fo_w CE(forget set with its poisoned labels)."""
+    return {"ce": 1.0, "kl": hp["kl_w"], "forget_kl": 0.0, "forget_ce": hp["fo_w"]}
+
+
+def neggrad_plus_weights(hp):
+    """NegGrad+ (Kurmanji et al. 2023): beta CE(retain) - (1 - beta) CE(forget, trained-with labels)."""
+    return {"ce": hp["beta"], "kl": 0.0, "forget_kl": 0.0, "forget_ce": 1 - hp["beta"]}
+
+
+def relabelled_weights(hp):
+    """Random labels and SalUn: CE on retain rows and randomly relabelled forget rows."""
+    return {"ce": 1.0, "kl": 0.0}
+
+
+def bad_teacher_weights(hp):
+    """Bad teacher (Chundawat et al. 2023): Bernoulli KL to the row's teacher (competent on retain rows,
+    randomly initialised on forget rows)."""
+    return {"ce": 0.0, "kl": 1.0}
 
 
 # --------------------------------------------------------------------------------- one-shot steps
@@ -204,23 +234,25 @@ def fisher_step(t, params, aux, key):
 # ------------------------------------------------------------------------------------- the registry
 UNIT_GRID = tuple(round(0.1 * k, 1) for k in range(10))
 METHODS = {
-    "retrain": Method(retain_loss, start="fresh", hparams={"kl_w": 0.0}, paper=True),
-    "finetune": Method(retain_loss, hparams={"kl_w": 0.0}, paper=True),
-    "scrub": Method(scrub_loss, hparams={"kl_w": 0.0, "fo_w": 0.2}, key="fo_w", grid=UNIT_GRID, whole_forget=True,
-                    paper=True),
-    "grad_ascent": Method(grad_ascent_loss, hparams={"kl_w": 0.0, "fo_w": 0.2}, key="fo_w", grid=UNIT_GRID,
-                          whole_forget=True, paper=True),
-    "neggrad_plus": Method(neggrad_plus_loss, hparams={"beta": 0.9}, key="beta",
+    "retrain": Method(retain_loss, start="fresh", hparams={"kl_w": 0.0}, weights=retain_weights, paper=True),
+    "finetune": Method(retain_loss, hparams={"kl_w": 0.0}, weights=retain_weights, paper=True),
+    "scrub": Method(forget_term_loss, hparams={"kl_w": 0.0, "fo_w": 0.2}, weights=scrub_weights, forget_inputs="kl",
+                    key="fo_w", grid=UNIT_GRID, whole_forget=True, paper=True),
+    "grad_ascent": Method(forget_term_loss, hparams={"kl_w": 0.0, "fo_w": 0.2}, weights=grad_ascent_weights,
+                          key="fo_w", grid=UNIT_GRID, whole_forget=True, paper=True),
+    "neggrad_plus": Method(forget_term_loss, hparams={"beta": 0.9}, weights=neggrad_plus_weights, key="beta",
                            grid=(0.5, 0.7, 0.8, 0.9, 0.95, 0.99), whole_forget=True),
     "scrub_minmax": Method(minmax_loss, rows="joined", plan="minmax", key="msteps", grid=(1, 2, 3, 5, 8, 12),
-                           hparams={"kl_w": 0.001, "msteps": 3, "forget_lr": 1.0}),  # SCRUB's alpha / gamma
-    "random_labels": Method(models.ce_loss, rows="relabelled"),
-    "salun": Method(models.ce_loss, rows="relabelled", mask="saliency", hparams={"gamma": 0.5}, key="gamma",
-                    grid=(0.1, 0.3, 0.5, 0.7, 0.9)),
-    "bad_teacher": Method(distill_loss, rows="bad_teacher"),
-    "eu_k": Method(retain_loss, start="reinit_last", mask="last_layers", hparams={"kl_w": 0.0, "k": 1}, key="k",
+                           hparams={"kl_w": 0.001, "msteps": 3, "forget_lr": 1.0},  # SCRUB's alpha / gamma
+                           weights=retain_weights),
+    "random_labels": Method(joined_loss, rows="relabelled", weights=relabelled_weights),
+    "salun": Method(joined_loss, rows="relabelled", mask="saliency", hparams={"gamma": 0.5}, weights=relabelled_weights,
+                    key="gamma", grid=(0.1, 0.3, 0.5, 0.7, 0.9)),
+    "bad_teacher": Method(joined_loss, rows="bad_teacher", weights=bad_teacher_weights),
+    "eu_k": Method(retain_loss, start="reinit_last", mask="last_layers", hparams={"kl_w": 0.0, "k": 1},
+                   weights=retain_weights, key="k", grid=(1, 2, 3)),
+    "cf_k": Method(retain_loss, mask="last_layers", hparams={"kl_w": 0.0, "k": 1}, weights=retain_weights, key="k",
                    grid=(1, 2, 3)),
-    "cf_k": Method(retain_loss, mask="last_layers", hparams={"kl_w": 0.0, "k": 1}, key="k", grid=(1, 2, 3)),
     "newton": Method(step=newton_step, hparams={"damping": 0.1, "sigma": 0.0}, key="damping",
                      grid=(0.001, 0.01, 0.1, 1.0, 10.0)),
     "fisher": Method(step=fisher_step, hparams={"noise": 1e-6}, key="noise",
@@ -235,7 +267,12 @@ PAPER_METHODS = tuple(name for name, m in METHODS.items() if m.paper)
 def hyperparameters(method, runs, *, dtype=None, **values):
     """Per-run hyper-parameter arrays of a method (a name or a ``Method``): its defaults, overridden by ``values``
     (scalars or (R,) arrays), in ``dtype`` (default: the process's real dtype)."""
-    table = (METHODS[method] if isinstance(method, str) else method).hparams | values
+    return per_run((METHODS[method] if isinstance(method, str) else method).hparams | values, runs, dtype)
+
+
+def per_run(table, runs, dtype=None):
+    """Each value of ``table`` (a scalar or an (R,) array) as an (R,) array in ``dtype`` (default: the process's
+    real dtype)."""
     return {k: np.broadcast_to(np.asarray(v, dtype or models.real_dtype()), (runs,)) for k, v in table.items()}
 
 
@@ -424,7 +461,8 @@ def run_method(name, pop, rng_of, *, schedule, recipe, hp=None, lr=None, every_e
     dtype = models.param_dtype(pop.params)  # the MLP may train in float32 under complex128 (fidelity item j)
     hp = hyperparameters(method, pop.runs, dtype=dtype, **(hp or {}))
     lrs = np.broadcast_to(np.asarray(schedule.lr if lr is None else lr, dtype), (pop.runs,))
-    aux = pop.inputs | {"hp": hp}
+    forget = {"x": pop.inputs[f"{method.forget_inputs}_x"], "t": pop.inputs[f"{method.forget_inputs}_t"]}
+    aux = pop.inputs | {"hp": per_run(method.weights(hp), pop.runs, dtype), "forget": forget}
     if method.step is not None:
         return _run_step(method, pop, rng_of, aux, schedule=schedule, recipe=recipe, every_epoch=every_epoch,
                          chunk=chunk)

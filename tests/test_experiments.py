@@ -187,8 +187,8 @@ def test_bad_teacher_with_a_competent_teacher_everywhere_leaves_the_teacher(pop,
 
     def gradient_norm(rows_name):
         rows = models.take_runs(methods.ROWS[rows_name](pop, RNG_OF), 0)
-        grads = jax.grad(methods.distill_loss, argnums=1)(trainer, first[0], rows, jnp.ones(rows["y"].shape[0]),
-                                                          first[1])
+        aux = first[1] | {"hp": methods.bad_teacher_weights({})}
+        grads = jax.grad(methods.joined_loss, argnums=1)(trainer, first[0], rows, jnp.ones(rows["y"].shape[0]), aux)
         return float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(grads)[0]))
 
     assert gradient_norm("joined") < 1e-5  # forget rows keep the teacher's own logits
@@ -323,6 +323,44 @@ def test_a_sweep_over_any_hyperparameter_compiles_once(tiny, study, pop, method,
     assert compiles() == before  # no XLA compilation at all for new values
     assert [(r["value"], r["run"]) for r in rows] == [(first[0], 0), (first[0], 1), (first[1], 0), (first[1], 1)]
     assert {r["value"] for r in again} == set(map(float, second))
+
+
+@pytest.mark.parametrize("family", [("retrain", "finetune", "eu_k", "cf_k"),
+                                    ("scrub", "grad_ascent", "neggrad_plus"),
+                                    ("random_labels", "salun", "bad_teacher")], ids=["retain", "forget", "joined"])
+def test_methods_that_weight_one_loss_share_its_program(tiny, study, pop, family, compiles):
+    run(family[0], pop, study)
+    before = compiles()
+    for name in family[1:]:
+        run(name, pop, study)
+    assert compiles() == before  # masks and starts are computed outside the program; they compile no training
+
+
+def test_each_weighting_of_the_forget_term_loss_is_its_methods_formula(pop):
+    """SCRUB, gradient ascent and NegGrad+ as written in their papers, against the shared weighted loss."""
+    model, trainer = pop.model, models.Trainer(pop.model)
+    params, inputs = models.take_runs((pop.params, pop.inputs), 0)
+    batch = {"x": inputs["retain_x"][:8], "y": inputs["retain_y"][:8], "t": inputs["retain_t"][:8]}
+    hp = {"kl_w": 0.3, "fo_w": 0.7, "beta": 0.8}
+
+    def ce(x, y):
+        return jnp.mean(models.bce(model.logits(params, x), y))
+
+    def kl(t, x):
+        p, q = jax.nn.sigmoid(t), jax.nn.sigmoid(model.logits(params, x))
+        return jnp.mean(p * jnp.log(p / q) + (1 - p) * jnp.log((1 - p) / (1 - q)))
+
+    retain = ce(batch["x"], batch["y"]) + hp["kl_w"] * kl(batch["t"], batch["x"])
+    expected = {"scrub": retain - hp["fo_w"] * kl(inputs["kl_t"], inputs["kl_x"]),
+                "grad_ascent": retain - hp["fo_w"] * ce(inputs["trained_x"], inputs["trained_y"]),
+                "neggrad_plus": hp["beta"] * ce(batch["x"], batch["y"])
+                - (1 - hp["beta"]) * ce(inputs["trained_x"], inputs["trained_y"])}
+    for name, value in expected.items():
+        method = methods.METHODS[name]
+        where = method.forget_inputs
+        aux = inputs | {"hp": method.weights(hp), "forget": {"x": inputs[f"{where}_x"], "t": inputs[f"{where}_t"]}}
+        got = method.loss(trainer, params, batch, jnp.ones(8), aux)
+        np.testing.assert_allclose(got, value, rtol=1e-5, err_msg=name)
 
 
 def test_the_rate_is_swept_for_every_method_that_trains_and_no_one_shot_step():
