@@ -1017,12 +1017,15 @@ EXECUTOR = Executor()
 def take_runs(tree, idx):
     """Runs ``idx`` (an index array) of every array of a pytree with a leading run axis. Arrays in host memory
     (NumPy's, or a CPU device's) are indexed by NumPy: an eager gather compiles once per shape, and a unit meets
-    dozens of shapes (0.15 s each on a 2-core CPU)."""
-    return jax.tree.map(lambda a: np.asarray(a)[idx] if in_host_memory(a) else a[idx], tree)
+    dozens of shapes (0.15 s each on a 2-core CPU). Typed PRNG keys, which NumPy cannot hold, are gathered."""
+    return jax.tree.map(lambda a: np.asarray(a)[idx] if numpy_can_index(a) else a[idx], tree)
 
 
-def in_host_memory(a):
-    return not isinstance(a, jax.Array) or all(d.platform == "cpu" for d in a.devices())
+def numpy_can_index(a):
+    """Whether ``a`` is in host memory (NumPy's, or a CPU device's) and of a dtype NumPy has."""
+    if not isinstance(a, jax.Array):
+        return True
+    return not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) and all(d.platform == "cpu" for d in a.devices())
 
 
 def map_runs(key, program, per_run, common=None, *, chunk=None, work=0.0):
