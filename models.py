@@ -331,8 +331,8 @@ def gram(w):
     if not jnp.iscomplexobj(w):
         return w.T @ w
     a, b = jnp.real(w), jnp.imag(w)
-    cross = a.T @ b
-    return jax.lax.complex(jnp.concatenate([a, b]).T @ jnp.concatenate([a, b]), cross - cross.T)
+    stacked, cross = jnp.concatenate([a, b]), a.T @ b
+    return jax.lax.complex(stacked.T @ stacked, cross - cross.T)
 
 
 def _projection(w, xs):
