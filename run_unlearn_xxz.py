@@ -57,6 +57,7 @@ PAPER = {  # the authors' src/run_unlearn_xxz.py; gauge "random" = their eigenso
 }
 
 QUICK_QNN = schedule(60, 32, 0.03)
+QUICK_ALPHAS = [0.0, 0.2, 0.3, 0.4, 0.5]
 QUICK = merged(PAPER, QUICK_LAYER, {  # minutes on a 2-core CPU, still showing the paper's findings
     # 10 spins: 4x fewer amplitudes than the paper's 12 (the QNNs on 10 and 11 qubits, the MLP on 2,048 features),
     # the same two phases and the same findings; --qubits 12 runs these settings at the paper's size (25 min)
@@ -65,10 +66,10 @@ QUICK = merged(PAPER, QUICK_LAYER, {  # minutes on a 2-core CPU, still showing t
                          "mlp fixed gauge": {"poisons": ["label_flip"]},
                          "mlp 32-8": DROP, "mlp 8-4": DROP, "qnn depth5": DROP, "qnn depth7": DROP,
                          "qnn depth6": {"schedule": schedule(60, 32, 0.03)}}},
-    "controls": {"alphas": [0.0, 0.2, 0.3, 0.4, 0.5], "poisons": ["label_flip"], "cv": QUICK_CV, "models": {
+    "controls": {"alphas": QUICK_ALPHAS, "poisons": ["label_flip"], "cv": QUICK_CV, "models": {
         **{name: {"schedule": QUICK_QNN} for name in ("diagonal", "qnn noent", "qnn scale20")},
         # full batches: a step of the unitary observable costs a Gram matrix of 2**(L-1) columns
-        "unitary": {"schedule": schedule(60, None, 0.03), "alphas": [0.0, 0.3, 0.5]},
+        "unitary": {"schedule": schedule(60, None, 0.03), "alphas": QUICK_ALPHAS},
         "qnn deep": {"schedule": QUICK_QNN, "alphas": [0.0, 0.3, 0.5]}}},
     "memorise": {"factor": 2, "models": {"qnn": {"schedule": QUICK_QNN}, "qnn deep": {"schedule": QUICK_QNN},
                                          "unitary": {"schedule": schedule(60, None, 0.03)}}},
