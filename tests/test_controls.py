@@ -83,17 +83,15 @@ def test_the_unitary_observable_at_the_identity_reads_z_of_the_last_qubit(rng, p
 
 @pytest.mark.parametrize("complex_inputs", [False, True])
 def test_a_step_of_adam_turns_the_unitary_observables_columns_by_about_lr_at_every_size(complex_inputs, rng):
-    """Adam moves every entry of W by about lr, whatever the gradient's scale; the projector does not depend on W's
-    scale, so how far a step turns it is set by the columns' norm, which ``init`` makes sqrt(entries). At unit
-    columns the turn grew as lr * sqrt(2**n): 1.4 rad at the XXZ quick preset's 2**10 amplitudes and lr 0.03, where
-    the control never left chance."""
+    """Adam moves every entry of W by about lr, so the columns' norm (``init``: sqrt(entries)) sets how far a step
+    turns the projector; at unit columns the turn grew as lr * sqrt(entries) (see ``UnitaryObservable``)."""
     lr = 0.03
     for dim in (16, 1024):
         model = models.UnitaryObservable(dim, complex_inputs)
         params = model.init(jax.random.PRNGKey(dim))
         psi = random_states(rng, 8, dim) if complex_inputs else np.abs(random_states(rng, 8, dim))
         xs, ys = model.prepare(psi), jnp.asarray([0, 1] * 4)
-        grad = jax.grad(lambda p: jnp.mean(jax.nn.softplus(model.logits(p, xs)) - ys * model.logits(p, xs)))(params)
+        grad = jax.grad(lambda p: jnp.mean(models.bce(model.logits(p, xs), ys)))(params)
         optimiser = optax.adam(lr)
         step, _ = optimiser.update(grad, optimiser.init(params))
         columns = np.asarray(params).reshape(-1, dim // 2)
