@@ -1,8 +1,9 @@
 """Benchmark of the training step of each model: compilation and steady-state throughput.
 
 Prints one JSON object per line. Defaults: the QNN at 10 qubits / depth 6 / batch 256 in complex64 and complex128
-with, in the same run, a plain batched-einsum statevector formulation of the same circuit (no TensorCircuit; checked
-against the QNN's outputs first); the XXZ QNN at 12 qubits / depth 4; the MLP [64, 16]; batch 4096 lines when a GPU is
+with, in the same run, two plain-JAX formulations of the same circuit as yardsticks (no TensorCircuit; each checked
+against the QNN's outputs first): a batched-einsum statevector, and real matrix products on [re; im] pairs with the
+batch axis last; the XXZ QNN at 12 qubits / depth 4; the MLP [64, 16]; batch 4096 lines when a GPU is
 present; the QNN measured on a device (one noise trajectory, shots, the parameter-shift rule). ``--devices 1 2``
 times a population of runs (vmapped, the run axis sharded with ``jax.sharding``) per device count; on a CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N. Targets (design
 section 10): compile <= 15 s per shape; QNN >= 2,700 sample-gradients/s on a 2-core CPU in complex64; >= 500,000 on
@@ -58,6 +59,48 @@ class EinsumQNN(models.QNN):
             psi = psi * jnp.exp(-0.5j * (theta[:, 3] @ signs)).reshape(2**half, -1)
         probs = jnp.abs(psi.reshape(xs.shape[0], -1, 2)) ** 2
         return 5.0 * jnp.sum(probs[..., 0] - probs[..., 1], axis=1)
+
+
+def real_pairs(m):
+    """A complex matrix (..., k, k) as the real (..., 2k, 2k) one acting on a vector stacked as [re; im]."""
+    re, im = jnp.real(m), jnp.imag(m)
+    return jnp.concatenate([jnp.concatenate([re, -im], -1), jnp.concatenate([im, re], -1)], -2)
+
+
+def real_pairs_interleaved(m):
+    """``real_pairs`` for a vector stored as (re, im) pairs: index 2 * row + (0 for re, 1 for im)."""
+    k = m.shape[-1]
+    return real_pairs(m).reshape(2, k, 2, k).transpose(1, 0, 3, 2).reshape(2 * k, 2 * k)
+
+
+class RealPairQNN(models.QNN):
+    """The same circuit in real arithmetic with the batch axis last: the state as an array (top qubits, re/im,
+    bottom qubits, batch) and each layer two real matrix products, the top half's rotations as one matrix on the
+    leading (top, re/im) axes and, per top index, the bottom half's rotations times the previous layer's rzz
+    phases (the last layer's phases change no probability and are left out). Not used by the study: the
+    yardstick of what real matrix products reach here (XLA:CPU multiplies complex64 matrices at about half the
+    rate of float32 ones of the same work) and of the layout's worth."""
+
+    def logits(self, params, xs):
+        n, batch = self.n_qubits, xs.shape[0]
+        split = n - n // 2  # the top qubits; the bottom half, whose matrix is per top index, is the smaller
+        top, bottom = 2**split, 2 ** (n // 2)
+        signs = jnp.asarray(models.ring_zz_signs(n), params.dtype)
+        psi = xs.T.reshape(top, 1, bottom, batch)
+        state = jnp.concatenate([jnp.real(psi), jnp.imag(psi)], axis=1).reshape(top, 2 * bottom, batch)
+        phases = jnp.ones((top, bottom), xs.dtype)
+        for theta in params:
+            rots = self.rotation_gates(theta)
+            upper, lower = models.kron_all(list(rots[:split])), models.kron_all(list(rots[split:]))
+            state = real_pairs(lower * phases[:, None, :]) @ state
+            state = real_pairs_interleaved(upper) @ state.reshape(2 * top, bottom * batch)
+            state = state.reshape(top, 2 * bottom, batch)
+            phases = jnp.exp(-0.5j * (theta[:, 3] @ signs)).astype(xs.dtype).reshape(top, bottom)
+        probs = jnp.sum(state.reshape(top, 2, bottom // 2, 2, batch) ** 2, axis=1)
+        return self.readout * jnp.sum(probs[:, :, 0] - probs[:, :, 1], axis=(0, 1))
+
+
+YARDSTICKS = {"qnn-einsum-reference": EinsumQNN, "qnn-real-pairs-reference": RealPairQNN}
 
 
 def inputs(model, in_dim, batch):
@@ -196,7 +239,7 @@ def main():
                     shape = {"qubits": qubits, "depth": depth}
                     lines.append(("qnn", shape, dtype, batch, models.QNN(qubits, depth, group_size=args.group_size)))
                     if not args.devices:
-                        lines.append(("qnn-einsum-reference", shape, dtype, batch, EinsumQNN(qubits, depth)))
+                        lines += [(name, shape, dtype, batch, cls(qubits, depth)) for name, cls in YARDSTICKS.items()]
                     if not args.devices and dtype == "complex64":
                         lines += device_lines(shape, dtype, batch, models.QNN(qubits, depth))
     if args.model in ("mlp", "all"):
@@ -210,7 +253,7 @@ def main():
                               "xla_gflops": round(yardstick[dtype], 2)}), flush=True)
         in_dim = getattr(model, "in_dim", None) or 2 ** getattr(model, "qnn", model).n_qubits
         extra = {}
-        if isinstance(model, EinsumQNN):  # the reference must compute the same circuit
+        if name in YARDSTICKS:  # a yardstick must compute the same circuit
             reference = models.QNN(model.n_qubits, model.depth)
             params = reference.init(jax.random.PRNGKey(1)) + 0.5
             xs = inputs(model, in_dim, 8)[0]

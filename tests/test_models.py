@@ -318,3 +318,24 @@ def test_keras_adam_is_optax_adam_with_a_bias_corrected_epsilon(precision):
         m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
         optax_form = -0.01 * m_hat / (np.sqrt(v_hat) + 1e-7 / np.sqrt(1 - 0.999**t))
         np.testing.assert_allclose(update, optax_form, rtol=1e-10)
+
+
+def test_benchs_yardsticks_compute_the_qnns_circuit(rng, precision):
+    """bench.py times the QNN step beside two plain-JAX formulations of its circuit: both must give the dense
+    statevector's outputs and the QNN's gradient (5 qubits: unequal halves)."""
+    import bench
+
+    precision("complex128")
+    n = 5
+    model = models.QNN(n, 3)
+    params = jnp.asarray(rng.normal(size=model.param_shape))
+    psi = random_states(rng, 4, 2**n)
+    xs = model.prepare(psi)
+    want = 5 * np.array([dense_expectation(np.asarray(params), p, "rzz") for p in psi])
+
+    def grad(m):
+        return jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(m.logits(p, xs)))))(params)
+
+    for yardstick in bench.YARDSTICKS.values():
+        np.testing.assert_allclose(jax.jit(yardstick(n, 3).logits)(params, xs), want, atol=1e-11)
+        np.testing.assert_allclose(grad(yardstick(n, 3)), grad(model), atol=1e-10)
