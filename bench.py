@@ -220,6 +220,7 @@ def main():
     parser.add_argument("--peer-timeout", type=float, default=900.0, help="seconds a peer may take (default 900)")
     args = parser.parse_args()
     malloc = "system" if args.system_malloc or not models.keep_freed_memory() else "kept"
+    models.one_blas_thread()
     if args.peer:
         print(json.dumps(peers.run_peer(args.peer, args.qubits or 10, args.depth or 6, args.seconds)), flush=True)
         return

@@ -38,6 +38,7 @@ def main(argv=None):
                         help="definitions: paper (the authors', default) or corrected (our repairs)")
     fid = fidelity.FIDELITIES[parser.parse_args(argv).fidelity]
     models.keep_freed_memory()
+    models.one_blas_thread()
     models.cache_compilations()
     start = time.perf_counter()
     ds = pu.Dataset("mnist", "none", *datar.mnist_data(500, seed=SEED, encoding=fid.mnist_encoding,

@@ -162,9 +162,11 @@ def settings_for(args, presets, **extra):
 
 # ------------------------------------------------------------------------------------- process
 def boot(dtype, devices=None):
-    """Process-wide settings of a run (the driver's and each Ray worker's): glibc keeps freed memory, compiled
-    programs are cached on disk, the precision, and the devices the run axis is split over; returns their count."""
+    """Process-wide settings of a run (the driver's and each Ray worker's): glibc keeps freed memory, BLAS runs on
+    one thread, compiled programs are cached on disk, the precision, and the devices the run axis is split over;
+    returns their count."""
     models.keep_freed_memory()
+    models.one_blas_thread()
     models.cache_compilations()
     models.set_precision(dtype)
     return models.use_devices(devices)

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import threadpoolctl
 from conftest import ROOT
 
 import results
@@ -35,6 +36,15 @@ def test_bad_arguments_one_line_exit_2_nothing_written(argv, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error" in err
     assert not out.exists()
+
+
+def test_a_run_process_runs_blas_on_one_thread():
+    """boot, the process settings of every run (a Ray worker's too), leaves each BLAS that NumPy, SciPy and
+    jaxlib's LAPACK kernels call on one thread: OpenBLAS's spinning threads otherwise take the cores from XLA's."""
+    runner.boot("complex64")
+    blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert any("scipy_openblas" in lib["filepath"] for lib in blas)
+    assert [lib["num_threads"] for lib in blas] == [1] * len(blas)
 
 
 def test_an_mnist_path_naming_no_file_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
