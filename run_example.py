@@ -19,9 +19,9 @@ import seaborn as sns
 import datar
 import fidelity
 import methods
-import models
 import plots
 import poison_unlearn as pu
+import runner
 
 OUT = Path("results/example")
 SEED, RUNS = 0, 2  # the resilience sweeps run RUNS runs per compiled program, as the quick preset: so they share the
@@ -37,9 +37,7 @@ def main(argv=None):
     parser.add_argument("--fidelity", default="paper", choices=sorted(fidelity.FIDELITIES),
                         help="definitions: paper (the authors', default) or corrected (our repairs)")
     fid = fidelity.FIDELITIES[parser.parse_args(argv).fidelity]
-    models.keep_freed_memory()
-    models.one_blas_thread()
-    models.cache_compilations()
+    runner.boot("complex64")  # the process settings of a run: malloc, BLAS threads, compilation cache
     start = time.perf_counter()
     ds = pu.Dataset("mnist", "none", *datar.mnist_data(500, seed=SEED, encoding=fid.mnist_encoding,
                                                        selection=fid.mnist_selection), raw_dim=784)
