@@ -120,11 +120,27 @@ def qubit_groups(n, group_size):
     return tuple(tuple(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
+def basis_bits(n):
+    """(n, 2**n) table: bit of qubit i in each basis state (qubit 0 most significant)."""
+    return (np.arange(2**n)[None, :] >> (n - 1 - np.arange(n))[:, None]) & 1
+
+
 def ring_zz_signs(n):
-    """(n, 2**n) table: eigenvalue of Z_i Z_{i+1 mod n} on each basis state (qubit 0 most significant)."""
-    bits = (np.arange(2**n)[None, :] >> (n - 1 - np.arange(n))[:, None]) & 1
-    z = 1 - 2 * bits
+    """(n, 2**n) table: eigenvalue of Z_i Z_{i+1 mod n} on each basis state."""
+    z = 1 - 2 * basis_bits(n)
     return z * np.roll(z, -1, axis=0)
+
+
+@functools.cache
+def cnot_ring_sources(n):
+    """The CNOT ring CNOT(0, 1), CNOT(1, 2), ..., CNOT(n-1, 0) in that order as a gather: it maps each basis state
+    |b> to one basis state |f(b)> (a CNOT sets b_j ^= b_i), so the ring's output amplitudes are
+    ``psi[cnot_ring_sources(n)]``, the sources f^-1 of each basis state."""
+    bits = basis_bits(n)
+    for i in range(n):
+        bits[(i + 1) % n] ^= bits[i]
+    image = (bits << (n - 1 - np.arange(n))[:, None]).sum(axis=0)
+    return np.argsort(image)
 
 
 def kron_all(mats):
@@ -188,9 +204,8 @@ class QNN:
         if self.ansatz == "rzz":
             phase = -0.5 * (theta[:, 3] @ jnp.asarray(ring_zz_signs(self.n_qubits), theta.dtype))
             c.diagonal(*range(self.n_qubits), diag=jnp.exp(1j * phase))
-        elif self.ansatz == "cnot":
-            for i in range(self.n_qubits):
-                c.cnot(i, (i + 1) % self.n_qubits)
+        elif self.ansatz == "cnot":  # a permutation of the amplitudes: one gather, not ten contractions and transposes
+            return c.state()[cnot_ring_sources(self.n_qubits)]
         return c.state()
 
     def expectation_z_last(self, params, psi):
