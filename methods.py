@@ -302,8 +302,7 @@ def _rows_relabelled(pop, rng_of):
 def _rows_bad_teacher(pop, rng_of):
     """Forget rows whose teacher is a randomly initialised, incompetent model of the same kind."""
     model = pop.model
-    bad = models.init_runs(model, jnp.stack([models.rng_key(rng_of(d, "bad-teacher"))
-                                             for d in pop.draws]))
+    bad = models.init_runs(model, [models.rng_key(rng_of(d, "bad-teacher")) for d in pop.draws])
     return _joined(pop, {"t": models.run_logits(model)(bad, pop.inputs["trained_x"])})
 
 
@@ -318,8 +317,7 @@ ROWS = {"retain": _rows_retain, "relabelled": _rows_relabelled, "bad_teacher": _
 
 def fresh_params(pop, rng_of):
     """A fresh initialisation per run (the same for every method of a run: retrain and EU-k share it)."""
-    return models.init_runs(pop.model, jnp.stack([models.rng_key(rng_of(d, "init"))
-                                                  for d in pop.draws]))
+    return models.init_runs(pop.model, [models.rng_key(rng_of(d, "init")) for d in pop.draws])
 
 
 def _reinit_last(pop, rng_of, mask):

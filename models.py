@@ -1132,14 +1132,18 @@ def run_logits(model, shared_inputs=False):
 
 
 def init_runs(model, keys):
-    """Initial parameters of R runs, one key each, from one compiled program per model and precision (run
-    eagerly, every layer's random draw compiled on its own, 1-2 s each on a 2-core CPU)."""
-    return _init_program(model, str(real_dtype()))(jnp.asarray(keys))
+    """Initial parameters of R runs, one key each (an (R, 2) array of raw keys), stacked along a leading run axis.
+
+    One compiled program per model and precision, called once per key: a vmapped draw compiles once per number of
+    runs, and a quick run meets a dozen (each compilation 1-2 s on a 2-core CPU; run eagerly, every layer's random
+    draw compiles on its own). The draws are those of ``jax.vmap(model.init)``."""
+    program = _init_program(model, str(real_dtype()))
+    return jax.device_put(jax.tree.map(lambda *runs: np.stack(runs), *[program(key) for key in np.asarray(keys)]))
 
 
 @functools.cache
 def _init_program(model, precision):
-    return jax.jit(jax.vmap(model.init))  # traced in ``precision``, the process's when first called
+    return jax.jit(model.init)  # traced in ``precision``, the process's when first called
 
 
 # ------------------------------------------------------------------------------------- seeding
