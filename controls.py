@@ -253,7 +253,7 @@ def train_defences(ds, spec, group, *, steps, seed, fid, cv_cfg, chunk):
     data = {"x": model.prepare(np.stack([t.xs for t in group])), "y": np.stack([t.ys for t in group])}
     plans = [models.subset_plan(models.unit_rng(seed, "order", *t.draw), t.fit_rows, steps * batch, batch,
                                 sched.epochs) for t in group]
-    params0 = models.init_runs(model, np.stack([models.unit_key(seed, "init", *t.draw) for t in group]))
+    params0 = models.init_runs(model, [models.unit_key(seed, "init", *t.draw) for t in group])
     record = np.isin(np.arange(1, sched.epochs + 1), [*cv_cfg["stop_epochs"], sched.epochs])
     out = models.train_runs(models.Trainer(model, loss=models.defended_loss, batch_size=batch,
                                            recipe=replace(fid.recipe("mlp", "train"), weight_decay=True)),
@@ -377,7 +377,7 @@ def memorise_unit(ds, spec, *, n_trains, runs, factor, seed, fid, chunk=None):
                                     budgets[1]) for d, (n, _) in zip(draws, cells)]
         real = np.stack([pu.row_mask(width, np.arange(n)) for n, _ in cells])
         out = models.train_runs(models.Trainer(model, batch_size=width // steps, recipe=recipe),
-                                models.init_runs(model, np.stack([models.unit_key(seed, "init", *d) for d in draws])),
+                                models.init_runs(model, [models.unit_key(seed, "init", *d) for d in draws]),
                                 data, models.stack_plans(plans), sched.lr, aux={"poisoned": real},
                                 shared=pu.shared_validation(model, ds), record=np.isin(np.arange(1, budgets[1] + 1),
                                                                                        budgets), chunk=chunk)

@@ -1132,11 +1132,11 @@ def run_logits(model, shared_inputs=False):
 
 
 def init_runs(model, keys):
-    """Initial parameters of R runs, one key each (an (R, 2) array of raw keys), stacked along a leading run axis.
+    """Initial parameters of R runs, one raw key each (a sequence or an (R, 2) array), along a leading run axis.
 
-    One compiled program per model and precision, called once per key: a vmapped draw compiles once per number of
-    runs, and a quick run meets a dozen (each compilation 1-2 s on a 2-core CPU; run eagerly, every layer's random
-    draw compiles on its own). The draws are those of ``jax.vmap(model.init)``."""
+    The draws of ``jax.vmap(model.init)`` (up to the last bit of an occasional float32 entry, which XLA vectorises
+    differently), from one compiled program per model and precision called once per key: vmapped, the draw compiles
+    once per number of runs (a quick run meets a dozen, 1-2 s each on a 2-core CPU)."""
     program = _init_program(model, str(real_dtype()))
     return jax.device_put(jax.tree.map(lambda *runs: np.stack(runs), *[program(key) for key in np.asarray(keys)]))
 

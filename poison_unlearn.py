@@ -101,7 +101,7 @@ def train_cells(model, sets, schedule, *, recipe, seed, draws, shared, aux=None,
     data = {"x": model.prepare(np.stack([s[0] for s in sets])), "y": jnp.asarray(np.stack([s[1] for s in sets]))}
     n = data["y"].shape[1]
     batch = schedule.batch or n
-    params0 = models.init_runs(model, np.stack([models.unit_key(seed, "init", *d) for d in draws]))
+    params0 = models.init_runs(model, [models.unit_key(seed, "init", *d) for d in draws])
     plans = [recipe.plan(models.unit_rng(seed, "order", *d), n, batch, schedule.epochs) for d in draws]
     plan = models.stack_plans([models.stop_after(p, e) for p, e in zip(plans, stop)] if stop else plans)
     trainer = models.Trainer(model, loss=loss, metrics=metrics, batch_size=batch, recipe=recipe)

@@ -69,6 +69,17 @@ def test_qnn_init_shape_and_scale():
 
 
 @pytest.mark.parametrize("model", [models.QNN(4, 2), models.MLP((5, 3), in_dim=32)], ids=["qnn", "mlp"])
+def test_init_runs_draws_each_runs_own_key_as_a_vmapped_draw(model):
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    got = models.init_runs(model, list(keys))
+    want = jax.vmap(model.init)(keys)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # equal up to the rounding of a vectorised draw
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-9)
+    weights = np.asarray(max(jax.tree.leaves(got), key=np.size))
+    assert not np.allclose(weights[0], weights[1])  # each run its own draw
+
+
+@pytest.mark.parametrize("model", [models.QNN(4, 2), models.MLP((5, 3), in_dim=32)], ids=["qnn", "mlp"])
 def test_gradient_matches_finite_differences(model, rng, precision):
     precision("complex128")
     xs = model.prepare(random_states(rng, 6, 16))
